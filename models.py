@@ -1,6 +1,8 @@
 """Every network of PokéDreamer: v1 (VAE, latent GRU dynamics, RAM probe) and v2 (discrete RSSM, heads, actor, critic)."""
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -11,10 +13,822 @@ import torch.nn.functional as F
 # ===== v1 =====
 # (VAE on 40x36 frames, GRU latent dynamics, multi-head RAM probe)
 
+
+@dataclass
+class VAEConfig:
+    """Convolutional VAE on small frames (v1: 36x40 RGB, latent 32)."""
+
+    height: int = 36
+    width: int = 40
+    latent_dim: int = 32
+    channels: tuple = (32, 64, 128)  # one stride-2 4x4 conv per entry
+    beta: float = 1.0  # weight of the KL term
+
+    def __post_init__(self):
+        self.channels = tuple(int(c) for c in self.channels)
+        if self.height < 8 or self.width < 8 or self.latent_dim < 1 or not self.channels:
+            raise ValueError(f"bad VAEConfig {self}")
+
+
+class VAE(nn.Module):
+    """Frame (B,3,H,W) in [0,1] -> Gaussian latent (B,D); latent -> frame through a mirrored decoder."""
+
+    def __init__(self, config: VAEConfig):
+        super().__init__()
+        self.config = config
+        sizes = [(config.height, config.width)]  # spatial size before each conv, then after the last
+        layers, in_ch = [], 3
+        for ch in config.channels:
+            layers += [nn.Conv2d(in_ch, ch, 4, stride=2, padding=1), nn.ReLU()]
+            h, w = sizes[-1]
+            sizes.append(((h - 2) // 2 + 1, (w - 2) // 2 + 1))  # k4 s2 p1
+            in_ch = ch
+        self.encoder = nn.Sequential(*layers, nn.Flatten())
+        self.bottom = (in_ch, *sizes[-1])  # 36x40 -> (128, 4, 5)
+        flat = in_ch * sizes[-1][0] * sizes[-1][1]
+        self.fc_mu = nn.Linear(flat, config.latent_dim)
+        self.fc_logvar = nn.Linear(flat, config.latent_dim)
+        self.fc_decode = nn.Linear(config.latent_dim, flat)
+        layers = []
+        outs = list(config.channels[-2::-1]) + [3]  # 128 -> 64 -> 32 -> 3
+        for i, ch in enumerate(outs):
+            (h, w), (th, tw) = sizes[-1 - i], sizes[-2 - i]
+            # a k4 s2 p1 transposed conv doubles the size; output_padding recovers odd sizes (9 from 4)
+            layers.append(nn.ConvTranspose2d(in_ch, ch, 4, stride=2, padding=1, output_padding=(th - 2 * h, tw - 2 * w)))
+            layers.append(nn.ReLU() if i < len(outs) - 1 else nn.Sigmoid())
+            in_ch = ch
+        self.decoder = nn.Sequential(*layers)
+
+    def encode(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feat = self.encoder(frames)  # (B, 128*4*5)
+        return self.fc_mu(feat), self.fc_logvar(feat).clamp(-10.0, 10.0)  # (B, D) each
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        x = self.fc_decode(z).view(-1, *self.bottom)  # (B, 128, 4, 5)
+        return self.decoder(x)  # (B, 3, H, W) in [0, 1]
+
+    def forward(self, frames: torch.Tensor):
+        mu, logvar = self.encode(frames)
+        z = mu + torch.randn_like(mu) * (0.5 * logvar).exp() if self.training else mu
+        return self.decode(z), mu, logvar
+
+    def loss(self, frames: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """BCE summed over pixels + beta * KL summed over latent dims, both averaged over the batch."""
+        recon, mu, logvar = self(frames)
+        batch = frames.shape[0]
+        losses = {
+            "recon": F.binary_cross_entropy(recon, frames, reduction="sum") / batch,
+            "kl": -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum() / batch,
+        }
+        weights = {"recon": 1.0, "kl": self.config.beta}
+        assert losses.keys() == weights.keys()
+        return sum(weights[k] * losses[k] for k in losses), {k: v.item() for k, v in losses.items()}
+
+
+@dataclass
+class DynamicsConfig:
+    """GRU over latents: (z_t, a_t) -> z_{t+1} and r_t."""
+
+    latent_dim: int = 32
+    num_actions: int = 8
+    action_embed: int = 16
+    hidden: int = 256
+    reward_scale: float = 1.0  # weight of the reward loss next to the latent MSE
+
+    def __post_init__(self):
+        if min(self.latent_dim, self.num_actions, self.action_embed, self.hidden) < 1:
+            raise ValueError(f"bad DynamicsConfig {self}")
+
+
+class LatentDynamics(nn.Module):
+    """h' = GRUCell([z, embed(a)], h); z' = z + head(h'); r = reward_head(h')."""
+
+    def __init__(self, config: DynamicsConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.num_actions, config.action_embed)
+        self.cell = nn.GRUCell(config.latent_dim + config.action_embed, config.hidden)
+        self.head = nn.Sequential(nn.Linear(config.hidden, config.hidden), nn.ReLU(), nn.Linear(config.hidden, config.latent_dim))
+        self.reward_head = nn.Sequential(nn.Linear(config.hidden, 64), nn.ReLU(), nn.Linear(64, 1))
+
+    def initial_state(self, batch: int, device) -> torch.Tensor:
+        return torch.zeros(batch, self.config.hidden, device=device)  # (B, 256)
+
+    def step(self, z: torch.Tensor, action: torch.Tensor, h: torch.Tensor):
+        """z (B,D), action (B,) int64, h (B,H) -> next z (B,D), reward (B,), next h (B,H)."""
+        h = self.cell(torch.cat([z, self.embed(action)], dim=-1), h)  # (B, 256)
+        return z + self.head(h), self.reward_head(h).squeeze(-1), h
+
+    def unroll(self, z: torch.Tensor, actions: torch.Tensor, teacher_forcing: float = 1.0, generator=None):
+        """Predict z_1..z_{T-1} from true latents z (B,T,D) and actions (B,T).
+
+        Scheduled sampling: at every step after the first, each sequence's input is the true z_t with
+        probability `teacher_forcing`, else the model's own previous prediction (gradients flow through
+        it). teacher_forcing=0 is a fully open-loop rollout from z_0.
+        Returns predicted latents (B,T-1,D) and rewards (B,T-1) for actions a_0..a_{T-2}.
+        """
+        batch, steps, _ = z.shape
+        h = self.initial_state(batch, z.device)
+        z_in, preds, rewards = z[:, 0], [], []
+        for t in range(steps - 1):
+            z_next, r, h = self.step(z_in, actions[:, t], h)
+            preds.append(z_next)
+            rewards.append(r)
+            if teacher_forcing >= 1.0:
+                z_in = z[:, t + 1]
+            elif teacher_forcing <= 0.0:
+                z_in = z_next
+            else:
+                use_true = torch.rand(batch, 1, device=z.device, generator=generator) < teacher_forcing  # (B, 1)
+                z_in = torch.where(use_true, z[:, t + 1], z_next)
+        return torch.stack(preds, 1), torch.stack(rewards, 1)
+
+    def rollout(self, z0: torch.Tensor, actions: torch.Tensor):
+        """Open loop from z0 (B,D) with actions (B,K): latents z_1..z_K (B,K,D) and rewards (B,K)."""
+        h, z, preds, rewards = self.initial_state(z0.shape[0], z0.device), z0, [], []
+        for t in range(actions.shape[1]):
+            z, r, h = self.step(z, actions[:, t], h)
+            preds.append(z)
+            rewards.append(r)
+        return torch.stack(preds, 1), torch.stack(rewards, 1)
+
+    def loss(self, z: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor, teacher_forcing: float = 1.0):
+        """z (B,T,D) true latents, actions (B,T), rewards (B,T) -> (total, dict of floats)."""
+        pred_z, pred_r = self.unroll(z, actions, teacher_forcing)
+        losses = {"latent": F.mse_loss(pred_z, z[:, 1:]), "reward": F.mse_loss(pred_r, rewards[:, :-1])}
+        weights = {"latent": 1.0, "reward": self.config.reward_scale}
+        assert losses.keys() == weights.keys()
+        return sum(weights[k] * losses[k] for k in losses), {k: v.item() for k, v in losses.items()}
+
+
+@dataclass
+class ProbeConfig:
+    """MLP heads reading RAM facts off a frozen VAE latent."""
+
+    latent_dim: int = 32
+    hidden: int = 256
+    num_maps: int = 256
+    party_size: int = 6
+    coord_scale: float = 16.0  # (x, y) are regressed in tiles / coord_scale
+
+    def __post_init__(self):
+        if min(self.latent_dim, self.hidden, self.num_maps, self.party_size) < 1 or self.coord_scale <= 0:
+            raise ValueError(f"bad ProbeConfig {self}")
+
+
+class RamProbe(nn.Module):
+    """Latent (B,D) -> tile (x, y), map-id logits, in-battle and dialog logits, party HP fractions."""
+
+    def __init__(self, config: ProbeConfig):
+        super().__init__()
+        self.config = config
+        self.trunk = nn.Sequential(nn.Linear(config.latent_dim, config.hidden), nn.ReLU(), nn.Linear(config.hidden, config.hidden), nn.ReLU())
+        self.xy = nn.Linear(config.hidden, 2)
+        self.map_id = nn.Linear(config.hidden, config.num_maps)
+        self.flags = nn.Linear(config.hidden, 2)  # in-battle, dialog-open logits
+        self.hp = nn.Linear(config.hidden, config.party_size)
+
+    def forward(self, z: torch.Tensor) -> dict:
+        feat = self.trunk(z)  # (B, 256)
+        flags = self.flags(feat)  # (B, 2)
+        return {
+            "xy": self.xy(feat) * self.config.coord_scale,  # (B, 2) in tiles
+            "map_logits": self.map_id(feat),  # (B, 256)
+            "battle_logit": flags[:, 0],  # (B,)
+            "dialog_logit": flags[:, 1],  # (B,)
+            "hp": torch.sigmoid(self.hp(feat)),  # (B, 6) fractions
+        }
+
+    @staticmethod
+    def targets(batch: dict) -> dict:
+        """Flatten a dataset batch (B,T,...) into probe targets (B*T, ...)."""
+        max_hp = batch["party_max_hps"].reshape(-1, batch["party_max_hps"].shape[-1]).float()
+        return {
+            "xy": torch.stack([batch["xs"].reshape(-1), batch["ys"].reshape(-1)], -1).float(),  # (N, 2)
+            "map_id": batch["map_ids"].reshape(-1).long(),
+            "battle": batch["in_battles"].reshape(-1).float(),
+            "dialog": batch["dialog_opens"].reshape(-1).float(),
+            "hp": batch["party_hps"].reshape(max_hp.shape).float() / max_hp.clamp(min=1.0),  # (N, 6); 0 for empty slots
+        }
+
+    def loss(self, z: torch.Tensor, targets: dict) -> tuple[torch.Tensor, dict]:
+        out = self(z)
+        scale = self.config.coord_scale
+        losses = {
+            "xy": F.mse_loss(out["xy"] / scale, targets["xy"] / scale),
+            "map": F.cross_entropy(out["map_logits"], targets["map_id"]),
+            "battle": F.binary_cross_entropy_with_logits(out["battle_logit"], targets["battle"]),
+            "dialog": F.binary_cross_entropy_with_logits(out["dialog_logit"], targets["dialog"]),
+            "hp": F.mse_loss(out["hp"], targets["hp"]),
+        }
+        weights = {"xy": 10.0, "map": 1.0, "battle": 1.0, "dialog": 1.0, "hp": 1.0}
+        assert losses.keys() == weights.keys()
+        return sum(weights[k] * losses[k] for k in losses), {k: v.item() for k, v in losses.items()}
+
+    @staticmethod
+    def metrics(out: dict, targets: dict) -> dict:
+        """Sums over the batch (divide by the count): Manhattan tile error, map accuracy, flag accuracies."""
+        err = (out["xy"] - targets["xy"]).abs().sum(-1)  # (N,)
+        rounded = (out["xy"].round() - targets["xy"]).abs().sum(-1)
+        return {
+            "tile_error": err.sum().item(),
+            "tile_error_rounded": rounded.sum().item(),
+            "exact_tile": (rounded == 0).float().sum().item(),
+            "map_acc": (out["map_logits"].argmax(-1) == targets["map_id"]).float().sum().item(),
+            "battle_acc": ((out["battle_logit"] > 0).float() == targets["battle"]).float().sum().item(),
+            "dialog_acc": ((out["dialog_logit"] > 0).float() == targets["dialog"]).float().sum().item(),
+            "hp_abs_error": (out["hp"] - targets["hp"]).abs().mean(-1).sum().item(),
+        }
+
 # ===== end v1 =====
 
 
 # ===== v2 =====
 # (discrete RSSM on native 160x144 frames)
+#
+# Shapes: B batch, T time, S = stoch * classes (one-hot latent, flattened), D = deter (GRU state),
+# F = D + S (the feature [h, s] every head reads), E = encoder embedding size.
+
+RSSM_PRESETS = ("faithful", "default", "tiny")
+
+
+@dataclass
+class RSSMConfig:
+    """Every choice of the v2 world model. Stored in each checkpoint, so any script can rebuild the model."""
+
+    preset: str = "default"
+    image_size: tuple = (144, 160)  # (H, W): each divisible by the product of conv_strides
+    num_actions: int = 8
+    # convolutional encoder and its mirror decoder
+    conv_channels: tuple = (32, 64, 128)  # one entry per downsampling conv
+    conv_strides: tuple = (4, 2, 2)  # kernel = max(4, stride), padding (kernel - stride) // 2
+    conv_residual: bool = False  # a residual block (two 3x3 convs + norm) after each downsampling conv
+    conv_norm: str = "layer"  # "batch" | "layer" (over channels, per pixel) | "none"
+    conv_act: str = "silu"  # "relu" | "elu" | "silu"
+    embed_dim: int = 0  # > 0: a linear layer maps the flattened conv output to this size; 0: use it as is
+    decoder_output: str = "linear"  # "sigmoid" | "linear" (prediction = 0.5 + output, clamped only for display)
+    channels_last: bool = True  # memory format of the conv stacks (a speed choice only)
+    # recurrent state-space model
+    deter: int = 256  # GRU state size D
+    stoch: int = 32  # number of categorical latents
+    classes: int = 16  # classes per latent
+    hidden: int = 256  # width of the prior / posterior / input MLPs
+    gru: str = "layernorm"  # "torch": nn.GRUCell on [z, action]; "layernorm": input MLP, then a LayerNorm GRU
+    mlp_norm: str = "layer"  # "none" | "layer" | "rms"
+    mlp_act: str = "silu"  # "relu" | "elu" | "silu"
+    unimix: float = 0.01  # mix this much of the uniform distribution into every categorical
+    sampler: str = "categorical"  # "gumbel": straight-through Gumbel-softmax; "categorical": straight-through one-hot sample
+    gumbel_tau: float = 1.0
+    # heads on [h, s]
+    head_hidden: int = 256
+    reward_head: str = "twohot"  # "mse": one output, MSE loss | "twohot": symlog two-hot over twohot_bins
+    twohot_bins: int = 255
+    twohot_range: float = 20.0  # bins span [-range, range] in symlog space
+    # losses: total = sum(weight[k] * loss[k]), see WorldModel.loss_weights
+    recon_loss: str = "sum"  # "mean": mean pixel MSE | "sum": squared error summed over each frame
+    recon_scale: float = 1.0
+    kl_scale: float = 1.0  # multiplies both KL terms
+    kl_dyn: float = 0.5  # weight of KL(sg(post) || prior): trains the prior
+    kl_rep: float = 0.1  # weight of KL(post || sg(prior)): regularises the posterior
+    free_nats: float = 1.0  # each step's KL (summed over latents) is clipped below at this value
+    reward_scale: float = 1.0
+    continue_scale: float = 1.0
+    grad_clip: float = 1000.0  # max global grad norm
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "RSSMConfig":
+        """The named preset with some fields replaced; unknown names, fields and wrong types raise ValueError."""
+        if name not in RSSM_PRESETS:
+            raise ValueError(f"unknown RSSM preset {name!r}; choose one of {', '.join(RSSM_PRESETS)}")
+        base = dict(_RSSM_PRESET_FIELDS[name], preset=name)
+        base.update(overrides)
+        return cls.from_dict(base)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "RSSMConfig":
+        """Build from a plain dict (a checkpoint's or JSON's); rejects unknown keys and wrong types."""
+        defaults = cls()
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown RSSMConfig field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        clean = {}
+        for key, value in values.items():
+            want = type(getattr(defaults, key))
+            if want is tuple and isinstance(value, (list, tuple)):
+                value = tuple(value)
+            elif want is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+                raise ValueError(f"RSSMConfig.{key} must be {want.__name__}, got {value!r}")
+            clean[key] = value
+        config = cls(**clean)
+        config.validate()
+        return config
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        choices = {
+            "conv_norm": ("batch", "layer", "none"), "conv_act": tuple(_ACTIVATIONS), "mlp_act": tuple(_ACTIVATIONS),
+            "decoder_output": ("sigmoid", "linear"), "gru": ("torch", "layernorm"), "mlp_norm": ("none", "layer", "rms"),
+            "sampler": ("gumbel", "categorical"), "reward_head": ("mse", "twohot"), "recon_loss": ("mean", "sum"),
+        }
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"RSSMConfig.{key}={getattr(self, key)!r}; allowed: {', '.join(allowed)}")
+        if len(self.conv_channels) != len(self.conv_strides):
+            raise ValueError("RSSMConfig.conv_channels and conv_strides must have the same length")
+        factor = math.prod(self.conv_strides)
+        height, width = self.image_size
+        if height % factor or width % factor:
+            raise ValueError(f"image size {height}x{width} is not divisible by the conv stack's total stride {factor}")
+
+
+_RSSM_PRESET_FIELDS = {
+    # The original v2 model, layer for layer (~56.7 M parameters in the world model).
+    "faithful": dict(
+        conv_channels=(32, 64, 128, 256), conv_strides=(2, 2, 2, 2), conv_residual=True, conv_norm="batch",
+        conv_act="relu", embed_dim=512, decoder_output="sigmoid", channels_last=False,
+        deter=512, stoch=32, classes=32, hidden=512, gru="torch", mlp_norm="none", mlp_act="elu", unimix=0.0,
+        sampler="gumbel", gumbel_tau=1.0, head_hidden=256, reward_head="mse", recon_loss="mean",
+        kl_dyn=0.8, kl_rep=0.2, free_nats=0.0, grad_clip=10.0,
+    ),
+    # DreamerV3 recipes (free nats, dyn/rep 0.5/0.1, 1% unimix, symlog two-hot reward, LayerNorm + SiLU),
+    # sized for 144x160 on a CPU: a stride-4 patch conv then two stride-2 convs down to 9x10.
+    "default": dict(),
+    # Seconds-fast model for tests.
+    "tiny": dict(
+        conv_channels=(8, 16, 16), deter=32, stoch=4, classes=4, hidden=32, head_hidden=32, twohot_bins=31,
+    ),
+}
+
+_ACTIVATIONS = {"relu": nn.ReLU, "elu": nn.ELU, "silu": nn.SiLU}
+
+
+class ChannelNorm(nn.Module):
+    """LayerNorm over the channels of each pixel of a (B, C, H, W) map (cheap in channels_last)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(channels)
+
+    def forward(self, x):
+        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def _conv_norm(kind: str, channels: int) -> nn.Module:
+    return {"batch": lambda: nn.BatchNorm2d(channels), "layer": lambda: ChannelNorm(channels), "none": nn.Identity}[kind]()
+
+
+def _mlp_norm(kind: str, width: int) -> nn.Module:
+    return {"layer": lambda: nn.LayerNorm(width), "rms": lambda: nn.RMSNorm(width), "none": nn.Identity}[kind]()
+
+
+def mlp(inp: int, hidden: int, layers: int, out: int, *, norm: str, act: str) -> nn.Sequential:
+    """`layers` hidden layers of Linear -> norm -> act, then a Linear to `out`."""
+    parts, width = [], inp
+    for _ in range(layers):
+        parts += [nn.Linear(width, hidden), _mlp_norm(norm, hidden), _ACTIVATIONS[act]()]
+        width = hidden
+    parts.append(nn.Linear(width, out))
+    return nn.Sequential(*parts)
+
+
+class ResidualBlock(nn.Module):
+    """x + norm(conv3x3(act(norm(conv3x3(x))))), then act."""
+
+    def __init__(self, channels: int, norm: str, act: str):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, channels, 3, padding=1), _conv_norm(norm, channels), _ACTIVATIONS[act](),
+            nn.Conv2d(channels, channels, 3, padding=1), _conv_norm(norm, channels),
+        )
+        self.act = _ACTIVATIONS[act]()
+
+    def forward(self, x):
+        return self.act(x + self.body(x))
+
+
+def _kernel_padding(stride: int) -> tuple[int, int]:
+    kernel = max(4, stride)
+    return kernel, (kernel - stride) // 2
+
+
+class Encoder(nn.Module):
+    """(N, 3, H, W) frames in [0, 1] -> (N, E) embeddings."""
+
+    def __init__(self, cfg: RSSMConfig):
+        super().__init__()
+        layers, channels = [], 3
+        for out, stride in zip(cfg.conv_channels, cfg.conv_strides):
+            kernel, padding = _kernel_padding(stride)
+            layers.append(nn.Conv2d(channels, out, kernel, stride, padding))
+            if cfg.conv_residual:
+                layers += [_ACTIVATIONS[cfg.conv_act](), ResidualBlock(out, cfg.conv_norm, cfg.conv_act)]
+            else:
+                layers += [_conv_norm(cfg.conv_norm, out), _ACTIVATIONS[cfg.conv_act]()]
+            channels = out
+        self.convs = nn.Sequential(*layers)
+        factor = math.prod(cfg.conv_strides)
+        self.grid = (channels, cfg.image_size[0] // factor, cfg.image_size[1] // factor)  # e.g. (256, 9, 10)
+        flat = math.prod(self.grid)
+        self.fc = nn.Linear(flat, cfg.embed_dim) if cfg.embed_dim else nn.Identity()
+        self.out_dim = cfg.embed_dim or flat
+        self.channels_last = cfg.channels_last
+
+    def forward(self, frames):
+        if self.channels_last:
+            frames = frames.contiguous(memory_format=torch.channels_last)
+        x = self.convs(frames)  # (N, C, h, w)
+        return self.fc(x.flatten(1))  # (N, E)
+
+
+class Decoder(nn.Module):
+    """(N, F) features -> (N, 3, H, W) frames (raw; see `WorldModel.frames_from_output`)."""
+
+    def __init__(self, cfg: RSSMConfig, grid: tuple[int, int, int]):
+        super().__init__()
+        self.grid = grid
+        self.fc = nn.Linear(cfg.deter + cfg.stoch * cfg.classes, math.prod(grid))
+        channels = list(reversed(cfg.conv_channels))  # e.g. 256, 128, 64, 32
+        strides = list(reversed(cfg.conv_strides))
+        layers = [] if cfg.conv_residual else [_conv_norm(cfg.conv_norm, channels[0]), _ACTIVATIONS[cfg.conv_act]()]
+        for i, (inp, stride) in enumerate(zip(channels, strides)):
+            out = channels[i + 1] if i + 1 < len(channels) else 3
+            kernel, padding = _kernel_padding(stride)
+            if cfg.conv_residual:
+                layers.append(ResidualBlock(inp, cfg.conv_norm, cfg.conv_act))
+            layers.append(nn.ConvTranspose2d(inp, out, kernel, stride, padding))
+            if out != 3:
+                if not cfg.conv_residual:
+                    layers.append(_conv_norm(cfg.conv_norm, out))
+                layers.append(_ACTIVATIONS[cfg.conv_act]())
+        self.deconvs = nn.Sequential(*layers)
+        self.channels_last = cfg.channels_last
+
+    def forward(self, feat):
+        x = self.fc(feat).view(-1, *self.grid)  # (N, C, h, w)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.deconvs(x).contiguous()  # (N, 3, H, W)
+
+
+class NormGRUCell(nn.Module):
+    """GRU cell with one linear layer on [input, h] and a LayerNorm on its output (DreamerV3's variant)."""
+
+    def __init__(self, inp: int, size: int):
+        super().__init__()
+        self.linear = nn.Linear(inp + size, 3 * size, bias=False)
+        self.norm = nn.LayerNorm(3 * size)
+
+    def forward(self, x, h):
+        reset, cand, update = self.norm(self.linear(torch.cat([x, h], -1))).chunk(3, -1)
+        reset = torch.sigmoid(reset)
+        cand = torch.tanh(reset * cand)
+        update = torch.sigmoid(update - 1.0)  # biased towards keeping the state
+        return update * cand + (1.0 - update) * h
+
+
+def categorical_kl(post_logp, prior_logp):
+    """KL(post || prior) of (..., stoch, classes) log-probabilities, summed over latents -> (...)."""
+    return (post_logp.exp() * (post_logp - prior_logp)).sum((-2, -1))
+
+
+def kl_losses(post_logp, prior_logp, free_nats: float):
+    """KL balancing with free bits. (..., stoch, classes) log-probs -> (dyn, rep, kl), each (...):
+    dyn = max(free, KL(sg(post) || prior)) trains the prior, rep = max(free, KL(post || sg(prior)))
+    trains the posterior; kl is the unclipped KL (the same value as both, before clipping)."""
+    dyn = categorical_kl(post_logp.detach(), prior_logp)
+    rep = categorical_kl(post_logp, prior_logp.detach())
+    return dyn.clamp(min=free_nats), rep.clamp(min=free_nats), dyn.detach()
+
+
+class RSSM(nn.Module):
+    """Recurrent state-space model: h_t = GRU(h_{t-1}, [z_{t-1}, a_{t-1}]); z_t ~ prior(h_t) or posterior(h_t, e_t)."""
+
+    def __init__(self, cfg: RSSMConfig, embed_dim: int):
+        super().__init__()
+        self.cfg = cfg
+        latent = cfg.stoch * cfg.classes
+        if cfg.gru == "torch":
+            self.img_in = nn.Identity()
+            self.cell = nn.GRUCell(latent + cfg.num_actions, cfg.deter)
+        else:
+            self.img_in = nn.Sequential(nn.Linear(latent + cfg.num_actions, cfg.hidden),
+                                        _mlp_norm(cfg.mlp_norm, cfg.hidden), _ACTIVATIONS[cfg.mlp_act]())
+            self.cell = NormGRUCell(cfg.hidden, cfg.deter)
+        self.prior_net = mlp(cfg.deter, cfg.hidden, 1, latent, norm=cfg.mlp_norm, act=cfg.mlp_act)
+        # posterior MLP on [h, embed]; its first layer is split in two so that the embedding half runs
+        # once for all T frames (`post_embed_in`) and only the h half runs inside the time loop
+        self.post_embed_in = nn.Linear(embed_dim, cfg.hidden)
+        self.post_h_in = nn.Linear(cfg.deter, cfg.hidden, bias=False)
+        self.post_net = nn.Sequential(_mlp_norm(cfg.mlp_norm, cfg.hidden), _ACTIVATIONS[cfg.mlp_act](),
+                                      nn.Linear(cfg.hidden, latent))
+
+    def initial(self, batch: int, device=None):
+        """Zero state (h, z): (B, D), (B, S)."""
+        cfg = self.cfg
+        return torch.zeros(batch, cfg.deter, device=device), torch.zeros(batch, cfg.stoch * cfg.classes, device=device)
+
+    def log_probs(self, logits):
+        """(..., S) raw logits -> (..., stoch, classes) log-probabilities with `unimix` uniform mixed in."""
+        cfg = self.cfg
+        logp = logits.view(*logits.shape[:-1], cfg.stoch, cfg.classes).log_softmax(-1)
+        if cfg.unimix > 0:
+            logp = ((1 - cfg.unimix) * logp.exp() + cfg.unimix / cfg.classes).log()
+        return logp
+
+    def sample(self, logp, sample: bool):
+        """(..., stoch, classes) log-probs -> (..., S) one-hot latent with straight-through gradients."""
+        probs = logp.exp()
+        if sample and self.cfg.sampler == "gumbel":
+            onehot = F.gumbel_softmax(logp, tau=self.cfg.gumbel_tau, hard=True)
+        else:
+            if sample:  # Gumbel-max: an exact sample of the categorical
+                noise = -torch.log(-torch.log(torch.rand_like(logp).clamp_(1e-20, 1.0)))
+                index = (logp + noise).argmax(-1)
+            else:
+                index = logp.argmax(-1)
+            onehot = F.one_hot(index, self.cfg.classes).to(probs.dtype)
+            onehot = onehot + probs - probs.detach()
+        return onehot.flatten(-2)
+
+    def deter_step(self, h, z, action):
+        """One GRU step: (B, D), (B, S), (B,) int actions -> (B, D)."""
+        a = F.one_hot(action.long(), self.cfg.num_actions).to(z.dtype)
+        return self.cell(self.img_in(torch.cat([z, a], -1)), h)
+
+    def img_step(self, h, z, action, sample: bool | None = None):
+        """Prior step: -> next h (B, D), z (B, S), prior log-probs (B, stoch, classes)."""
+        sample = self.training if sample is None else sample
+        h = self.deter_step(h, z, action)
+        logp = self.log_probs(self.prior_net(h))
+        return h, self.sample(logp, sample), logp
+
+    def posterior(self, h, embed_in):
+        """(B, D) state and (B, hidden) projected embedding (`post_embed_in(embed)`) -> (B, stoch, classes) log-probs."""
+        return self.log_probs(self.post_net(self.post_h_in(h) + embed_in))
+
+    def obs_step(self, h, z, action, embed, sample: bool | None = None):
+        """Posterior step given the next frame's embedding (B, E): -> h, z, posterior log-probs."""
+        sample = self.training if sample is None else sample
+        h = self.deter_step(h, z, action)
+        logp = self.posterior(h, self.post_embed_in(embed))
+        return h, self.sample(logp, sample), logp
+
+    def observe(self, embeds, actions, state=None, sample: bool | None = None):
+        """Posterior over a sequence. embeds (B, T, E); actions (B, T): a_t is taken after frame t.
+
+        Starts from zeros (the first frame observed without a GRU step), or continues from
+        `state` = (h, z, action taken after the state's frame).
+        Returns dict: h (B, T, D), z (B, T, S), post_logp / prior_logp (B, T, stoch, classes).
+        """
+        sample = self.training if sample is None else sample
+        batch, steps = embeds.shape[:2]
+        embed_in = self.post_embed_in(embeds)  # (B, T, hidden)
+        hs, zs, post = [], [], []
+        if state is None:
+            h, z = self.initial(batch, embeds.device)
+            logp = self.posterior(h, embed_in[:, 0])
+            z = self.sample(logp, sample)
+            hs.append(h), zs.append(z), post.append(logp)
+            start = 1
+        else:
+            (h, z, prev_action), start = state, 0
+        for t in range(start, steps):
+            if t > 0:
+                prev_action = actions[:, t - 1]
+            h = self.deter_step(h, z, prev_action)
+            logp = self.posterior(h, embed_in[:, t])
+            z = self.sample(logp, sample)
+            hs.append(h), zs.append(z), post.append(logp)
+        h = torch.stack(hs, 1)  # (B, T, D)
+        prior_logp = self.log_probs(self.prior_net(h))  # (B, T, stoch, classes)
+        return {"h": h, "z": torch.stack(zs, 1), "post_logp": torch.stack(post, 1), "prior_logp": prior_logp}
+
+
+def psnr(mse):
+    """Peak signal-to-noise ratio in dB of per-frame MSEs of [0, 1] images."""
+    return -10.0 * torch.log10(mse.clamp(min=1e-10))
+
+
+def symlog(x):
+    return torch.sign(x) * torch.log1p(x.abs())
+
+
+def symexp(x):
+    return torch.sign(x) * torch.expm1(x.abs())
+
+
+def twohot_bins(count: int, extent: float, device=None):
+    return torch.linspace(-extent, extent, count, device=device)
+
+
+def twohot_encode(y, bins):
+    """Values (...) -> (..., K) two-hot weights over `bins` (symlog space) whose weighted mean is symlog(y)."""
+    x = symlog(y).clamp(bins[0], bins[-1])
+    lo = (torch.searchsorted(bins, x.contiguous(), right=True) - 1).clamp(0, len(bins) - 2)
+    w_hi = (x - bins[lo]) / (bins[lo + 1] - bins[lo])
+    out = torch.zeros(*x.shape, len(bins), device=x.device, dtype=x.dtype)
+    out.scatter_(-1, lo.unsqueeze(-1), (1 - w_hi).unsqueeze(-1))
+    out.scatter_add_(-1, (lo + 1).unsqueeze(-1), w_hi.unsqueeze(-1))
+    return out
+
+
+def twohot_decode(logits, bins):
+    """(..., K) logits -> (...) expected value, mapped back through symexp."""
+    return symexp((logits.softmax(-1) * bins).sum(-1))
+
+
+def twohot_loss(logits, y, bins):
+    """Cross-entropy of (..., K) logits against the two-hot encoding of targets y (...) -> (...)."""
+    return -(twohot_encode(y, bins) * logits.log_softmax(-1)).sum(-1)
+
+
+class ScalarHead(nn.Module):
+    """MLP from features to a scalar: plain (MSE) or symlog two-hot (output layer zero-initialised)."""
+
+    def __init__(self, cfg: RSSMConfig, kind: str, layers: int):
+        super().__init__()
+        self.kind = kind
+        width = cfg.twohot_bins if kind == "twohot" else 1
+        self.net = mlp(cfg.deter + cfg.stoch * cfg.classes, cfg.head_hidden, layers, width,
+                       norm=cfg.mlp_norm, act=cfg.mlp_act)
+        if kind == "twohot":
+            nn.init.zeros_(self.net[-1].weight)
+            nn.init.zeros_(self.net[-1].bias)
+        self.register_buffer("bins", twohot_bins(cfg.twohot_bins, cfg.twohot_range), persistent=False)
+
+    def forward(self, feat):
+        """(..., F) -> raw output (..., K) or (..., 1)."""
+        return self.net(feat)
+
+    def predict(self, feat):
+        """(..., F) -> predicted value (...)."""
+        out = self.net(feat)
+        return twohot_decode(out, self.bins) if self.kind == "twohot" else out.squeeze(-1)
+
+    def loss(self, feat, target):
+        """(..., F), (...) -> per-element loss (...)."""
+        out = self.net(feat)
+        if self.kind == "twohot":
+            return twohot_loss(out, target, self.bins)
+        return (out.squeeze(-1) - target) ** 2
+
+
+class WorldModel(nn.Module):
+    """Encoder + RSSM + decoder + reward and continue heads; `forward` returns the training loss."""
+
+    def __init__(self, cfg: RSSMConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.rssm = RSSM(cfg, self.encoder.out_dim)
+        self.decoder = Decoder(cfg, self.encoder.grid)
+        self.reward_head = ScalarHead(cfg, cfg.reward_head, layers=1)
+        self.cont_head = mlp(self.feat_dim, cfg.head_hidden, 1, 1, norm=cfg.mlp_norm, act=cfg.mlp_act)
+        self.loss_weights = {
+            "recon": cfg.recon_scale, "kl_dyn": cfg.kl_scale * cfg.kl_dyn, "kl_rep": cfg.kl_scale * cfg.kl_rep,
+            "reward": cfg.reward_scale, "cont": cfg.continue_scale,
+        }
+        if cfg.channels_last:
+            self.encoder.to(memory_format=torch.channels_last)
+            self.decoder.to(memory_format=torch.channels_last)
+
+    @property
+    def feat_dim(self) -> int:
+        return self.cfg.deter + self.cfg.stoch * self.cfg.classes
+
+    def embed(self, frames):
+        """(B, T, 3, H, W) in [0, 1] -> (B, T, E)."""
+        batch, steps = frames.shape[:2]
+        return self.encoder(frames.flatten(0, 1)).view(batch, steps, -1)
+
+    def decode_raw(self, feat):
+        """(B, T, F) -> raw decoder output (B, T, 3, H, W)."""
+        batch, steps = feat.shape[:2]
+        return self.decoder(feat.flatten(0, 1)).view(batch, steps, 3, *self.cfg.image_size)
+
+    def frames_from_output(self, raw):
+        """Raw decoder output -> predicted frames (unclamped for "linear"; clamp only to display)."""
+        return torch.sigmoid(raw) if self.cfg.decoder_output == "sigmoid" else raw + 0.5
+
+    def decode(self, feat):
+        """(B, T, F) -> frames (B, T, 3, H, W) clamped to [0, 1]."""
+        return self.frames_from_output(self.decode_raw(feat)).clamp(0.0, 1.0)
+
+    def continue_prob(self, feat):
+        return torch.sigmoid(self.cont_head(feat).squeeze(-1))
+
+    def forward(self, frames, actions, rewards, continues):
+        """Training loss on a batch of windows.
+
+        frames (B, T, 3, H, W) in [0, 1]; actions (B, T) (a_t taken after frame t); rewards, continues (B, T)
+        (r_t received for a_t; continues_t = 0 when the episode ended after a_t).
+        Returns (total loss, dict of losses, dict of float metrics, posterior states).
+        """
+        cfg = self.cfg
+        states = self.rssm.observe(self.embed(frames), actions)
+        feat = torch.cat([states["h"], states["z"]], -1)  # (B, T, F)
+        pred = self.frames_from_output(self.decode_raw(feat))  # (B, T, 3, H, W)
+        diff = pred - frames
+        frame_sse = (diff * diff).sum((-3, -2, -1))  # (B, T)
+        frame_mse = frame_sse / frames[0, 0].numel()
+        recon = frame_mse.mean() if cfg.recon_loss == "mean" else frame_sse.mean()
+        post = states["post_logp"]
+        dyn, rep, kl = kl_losses(post, states["prior_logp"], cfg.free_nats)  # (B, T) each
+        # feat_t is the state reached by a_{t-1}: it predicts r_{t-1} and continues_{t-1}
+        next_feat = feat[:, 1:]
+        reward_loss = self.reward_head.loss(next_feat, rewards[:, :-1]).mean()
+        cont_loss = F.binary_cross_entropy_with_logits(self.cont_head(next_feat).squeeze(-1), continues[:, :-1])
+        losses = {
+            "recon": recon, "kl_dyn": dyn.mean(), "kl_rep": rep.mean(),
+            "reward": reward_loss, "cont": cont_loss,
+        }
+        assert losses.keys() == self.loss_weights.keys(), (losses.keys(), self.loss_weights.keys())
+        total = sum(self.loss_weights[k] * v for k, v in losses.items())
+        with torch.no_grad():
+            reward_pred = self.reward_head.predict(next_feat)
+            metrics = {
+                "recon_mse": frame_mse.mean().item(),
+                "psnr": psnr(frame_mse).mean().item(),  # of the unclamped prediction (a lower bound)
+                "kl": kl.mean().item(),
+                "reward_mse": (reward_pred - rewards[:, :-1]).pow(2).mean().item(),
+                "post_entropy": -(post.exp() * post).sum(-1).mean().item(),
+            }
+        return total, losses, metrics, states
+
+
+class Actor(nn.Module):
+    """Policy on [h, s]: 2 hidden layers -> action logits (unimix applied by `dist`)."""
+
+    def __init__(self, cfg: RSSMConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.net = mlp(cfg.deter + cfg.stoch * cfg.classes, cfg.head_hidden, 2, cfg.num_actions,
+                       norm=cfg.mlp_norm, act=cfg.mlp_act)
+
+    def forward(self, feat):
+        """(..., F) -> (..., A) logits."""
+        return self.net(feat)
+
+    def dist(self, feat):
+        probs = self.net(feat).softmax(-1)
+        if self.cfg.unimix > 0:
+            probs = (1 - self.cfg.unimix) * probs + self.cfg.unimix / self.cfg.num_actions
+        return torch.distributions.Categorical(probs=probs)
+
+
+class Critic(nn.Module):
+    """Value on [h, s]: 2 hidden layers -> a scalar (MSE) or symlog two-hot, following `reward_head`."""
+
+    def __init__(self, cfg: RSSMConfig):
+        super().__init__()
+        self.head = ScalarHead(cfg, cfg.reward_head, layers=2)
+
+    def forward(self, feat):
+        return self.head(feat)
+
+    def value(self, feat):
+        return self.head.predict(feat)
+
+    def loss(self, feat, target):
+        return self.head.loss(feat, target)
+
+@dataclass
+class StateProbeConfig:
+    """A small probe reading the game state off a world model's features [h, s] (checkpoint kind "rssm_probe")."""
+
+    feat_dim: int = 768  # F of the world model it reads (WorldModel.feat_dim)
+    hidden: int = 256
+    num_maps: int = 256  # map ids are one byte
+    tile_scale: float = 16.0  # (x, y) are regressed in tiles / tile_scale
+
+    def __post_init__(self):
+        if min(self.feat_dim, self.hidden, self.num_maps) < 1 or self.tile_scale <= 0:
+            raise ValueError(f"bad StateProbeConfig {self}")
+
+
+class StateProbe(nn.Module):
+    """Features (..., F) -> (x, y) tile regression (..., 2) and map-id logits (..., num_maps).
+    Trained on posterior features against RAM by scripts/evaluate_rssm.py; read by play_dream's HUD."""
+
+    def __init__(self, cfg: StateProbeConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.net = nn.Sequential(nn.Linear(cfg.feat_dim, cfg.hidden), nn.LayerNorm(cfg.hidden), nn.SiLU(),
+                                 nn.Linear(cfg.hidden, 2 + cfg.num_maps))
+
+    def forward(self, feat):
+        out = self.net(feat)  # (..., 2 + num_maps)
+        return out[..., :2] * self.cfg.tile_scale, out[..., 2:]
+
+    def loss(self, feat, xy, map_ids):
+        """Smooth-L1 on tiles (..., 2) float plus cross-entropy on map ids (...,) long."""
+        pos, logits = self(feat)
+        return F.smooth_l1_loss(pos, xy) + F.cross_entropy(logits.flatten(0, -2), map_ids.flatten())
+
 
 # ===== end v2 =====

@@ -1,0 +1,127 @@
+"""Start from real frames, imagine forward with the RSSM prior, decode; and lambda-returns.
+
+The one place every v2 consumer (demo video, evaluation, play-the-dream, policy training) uses.
+Frames here are floats (B, T, 3, H, W) in [0, 1] (`dataset.frames_to_float` makes them from uint8).
+Actions follow the data's convention: a_t is the action taken after frame t.
+
+    ctx = observe(wm, frames[:, :K], actions[:, :K])        # posterior over K context frames
+    out = imagine(wm, last_state(ctx), actions[:, K-1:K-1+H])  # prior only: H imagined steps
+    video = decode(wm, out["feat"])                          # (B, H, 3, H, W) = predictions of frames K..K+H-1
+"""
+from __future__ import annotations
+
+import torch
+
+from models import WorldModel
+
+
+def features(states: dict) -> torch.Tensor:
+    """[h, z] of a states dict -> (B, T, F)."""
+    return torch.cat([states["h"], states["z"]], -1)
+
+
+@torch.inference_mode()
+def observe(wm: WorldModel, frames: torch.Tensor, actions: torch.Tensor, sample: bool = False) -> dict:
+    """Posterior belief over context frames (B, K, 3, H, W) with actions (B, K) (the last one, a_{K-1},
+    is the action after the last context frame, kept for `last_state`).
+    Returns dict h (B, K, D), z (B, K, S), post_logp, prior_logp, feat (B, K, F), last_action (B,)."""
+    states = wm.rssm.observe(wm.embed(frames), actions, sample=sample)
+    states["feat"] = features(states)
+    states["last_action"] = actions[:, -1]
+    return states
+
+
+def last_state(states: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, z) at the last time step of a states dict: (B, D), (B, S)."""
+    return states["h"][:, -1], states["z"][:, -1]
+
+
+def _rollout(wm: WorldModel, state, actions, sample: bool) -> dict:
+    h, z = state
+    hs, zs = [], []
+    for t in range(actions.shape[1]):
+        h, z, _ = wm.rssm.img_step(h, z, actions[:, t], sample=sample)
+        hs.append(h), zs.append(z)
+    out = {"h": torch.stack(hs, 1), "z": torch.stack(zs, 1)}  # (B, H, D), (B, H, S)
+    out["feat"] = features(out)
+    return out
+
+
+@torch.inference_mode()
+def imagine(wm: WorldModel, state: tuple[torch.Tensor, torch.Tensor], actions: torch.Tensor,
+            sample: bool = False) -> dict:
+    """Roll the prior alone from `state` (h, z) = the belief at some frame t, taking actions (B, H)
+    (actions[:, 0] = the action after frame t). Returns h, z, feat (B, H, .) for frames t+1..t+H.
+    `sample=False` follows each prior's most likely class; True draws samples."""
+    return _rollout(wm, state, actions, sample)
+
+
+@torch.inference_mode()
+def decode(wm: WorldModel, feat: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+    """Features (B, T, F) -> frames (B, T, 3, H, W) in [0, 1], decoded `chunk` frames at a time."""
+    batch, steps = feat.shape[:2]
+    flat = feat.reshape(batch * steps, 1, -1)
+    out = [wm.decode(flat[i:i + chunk].transpose(0, 1)) for i in range(0, flat.shape[0], chunk)]
+    return torch.cat(out, 1).reshape(batch, steps, 3, *wm.cfg.image_size)
+
+
+@torch.inference_mode()
+def open_loop(wm: WorldModel, frames: torch.Tensor, actions: torch.Tensor, context: int = 1,
+              horizon: int | None = None, sample: bool = False, decode_frames: bool = True) -> dict:
+    """Observe frames[:, :context], then imagine `horizon` steps with actions[:, context-1:].
+
+    frames (B, T, 3, H, W), actions (B, T). horizon defaults to T - context. Returns dict:
+    context (observe() output), imagined (imagine() output, frames context..context+horizon-1),
+    recon (B, context, 3, H, W) and pred (B, horizon, 3, H, W) when decode_frames."""
+    if horizon is None:
+        horizon = frames.shape[1] - context
+    if actions.shape[1] < context - 1 + horizon:
+        raise ValueError(f"{horizon} imagined steps after {context} context frames need "
+                         f"{context - 1 + horizon} actions, got {actions.shape[1]}")
+    ctx = observe(wm, frames[:, :context], actions[:, :context])
+    imagined = _rollout(wm, last_state(ctx), actions[:, context - 1:context - 1 + horizon], sample)
+    out = {"context": ctx, "imagined": imagined}
+    if decode_frames:
+        out["recon"] = decode(wm, ctx["feat"])
+        out["pred"] = decode(wm, imagined["feat"])
+    return out
+
+
+def imagine_with_policy(wm: WorldModel, actor, state: tuple[torch.Tensor, torch.Tensor], horizon: int,
+                        sample: bool = True) -> dict:
+    """Imagine `horizon` steps choosing actions with `actor` (models.Actor), keeping gradients
+    (for actor-critic training; freeze the world model's parameters yourself).
+
+    state (h, z): (B, D), (B, S) start beliefs (detached here). Returns dict:
+    feat (B, H+1, F) (index 0 = start), actions (B, H) long, log_probs (B, H), entropy (B, H),
+    reward (B, H) predicted for each action, cont (B, H) predicted continue probability after it."""
+    h, z = (s.detach().clone() for s in state)  # a normal tensor even if `state` came from inference mode
+    feats, acts, logps, ents = [torch.cat([h, z], -1)], [], [], []
+    for _ in range(horizon):
+        dist = actor.dist(feats[-1].detach())
+        action = dist.sample()
+        logps.append(dist.log_prob(action)), ents.append(dist.entropy()), acts.append(action)
+        h, z, _ = wm.rssm.img_step(h, z, action, sample=sample)
+        feats.append(torch.cat([h, z], -1))
+    feat = torch.stack(feats, 1)  # (B, H+1, F)
+    return {
+        "feat": feat, "actions": torch.stack(acts, 1), "log_probs": torch.stack(logps, 1),
+        "entropy": torch.stack(ents, 1), "reward": wm.reward_head.predict(feat[:, 1:]),
+        "cont": wm.continue_prob(feat[:, 1:]),
+    }
+
+
+def lambda_returns(rewards: torch.Tensor, values: torch.Tensor, continues: torch.Tensor,
+                   gamma: float = 0.997, lam: float = 0.95) -> torch.Tensor:
+    """TD(lambda) returns. rewards (B, H): r_t for the step t -> t+1; continues (B, H): c_t = probability
+    the episode goes on after that step; values (B, H+1): v_0..v_H (v_H bootstraps).
+    R_t = r_t + gamma * c_t * ((1 - lam) * v_{t+1} + lam * R_{t+1}), with R_H = v_H. Returns (B, H)."""
+    horizon = rewards.shape[1]
+    if values.shape[1] != horizon + 1 or continues.shape[1] != horizon:
+        raise ValueError(f"lambda_returns needs rewards/continues (B, H) and values (B, H+1); got "
+                         f"{tuple(rewards.shape)}, {tuple(continues.shape)}, {tuple(values.shape)}")
+    out, last = [], values[:, -1]
+    for t in reversed(range(horizon)):
+        last = rewards[:, t] + gamma * continues[:, t] * ((1 - lam) * values[:, t + 1] + lam * last)
+        out.append(last)
+    return torch.stack(out[::-1], 1)

@@ -1,0 +1,96 @@
+"""v1 data plumbing shared by the v1 scripts: one episode split for every stage, frames and VAE
+latents of dataset rows, and loading the v1 networks from their checkpoints.
+
+Every v1 stage (VAE, probe, dynamics, drift evaluation) holds out the same episodes: the split is
+made once, by episode, on the dynamics' sequence windows (`dataset.split`), and a row belongs to
+train or validation through the windows that cover it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from checkpoint import build_model, load_checkpoint
+from dataset import PokemonDataset, frames_to_float
+from errors import UserError
+
+
+def resolve_device(name: str) -> str:
+    """'auto' -> 'cuda' when available, else 'cpu'; UserError for an unavailable CUDA device."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name} was asked for but CUDA is not available here; use --device cpu")
+    return name
+
+
+@dataclass
+class V1Data:
+    seqs: PokemonDataset  # the dynamics' T-step windows; its arrays hold every row once
+    seq_len: int
+    train_starts: np.ndarray  # window starts (global row indices) of training episodes
+    val_starts: np.ndarray
+    train_rows: np.ndarray  # sorted global rows covered by training windows
+    val_rows: np.ndarray
+
+    def frames(self, rows: np.ndarray, device: str) -> torch.Tensor:
+        """Frames of global rows -> (N, 3, H, W) float in [0, 1]."""
+        return frames_to_float(self.seqs.obs[np.asarray(rows)], device)
+
+    def row_batch(self, rows: np.ndarray) -> dict:
+        """The per-step RAM fields of global rows as tensors, each (N, ...)."""
+        keys = ("map_ids", "xs", "ys", "in_battles", "dialog_opens", "party_hps", "party_max_hps")
+        return {k: torch.from_numpy(self.seqs.arrays[k][np.asarray(rows)]) for k in keys}
+
+
+def covered_rows(starts: np.ndarray, seq_len: int) -> np.ndarray:
+    return np.unique((np.asarray(starts, dtype=np.int64)[:, None] + np.arange(seq_len)).ravel())
+
+
+def load_v1_data(data_dir, seq_len: int = 30, val_split: float = 0.1, seed: int = 0, max_files=None) -> V1Data:
+    """Load the chunks as T-step windows and split them by episode, once for every v1 stage."""
+    if seq_len < 2:
+        raise UserError(f"--seq-len {seq_len} must be at least 2")
+    if not 0.0 < val_split < 1.0:
+        raise UserError(f"--val-split {val_split} must be between 0 and 1 (exclusive)")
+    seqs = PokemonDataset(data_dir, seq_len=seq_len, max_files=max_files)
+    train_starts, val_starts = seqs.split(val_split=val_split, seed=seed)
+    if len(train_starts) == 0 or len(val_starts) == 0:
+        raise UserError(f"{data_dir}: the episode split with --val-split {val_split} left "
+                        f"{len(train_starts)} training and {len(val_starts)} validation windows; "
+                        "collect more episodes or change --val-split")
+    return V1Data(seqs, seq_len, np.asarray(train_starts), np.asarray(val_starts),
+                  covered_rows(train_starts, seq_len), covered_rows(val_starts, seq_len))
+
+
+@torch.no_grad()
+def encode_rows(vae, data: V1Data, rows: np.ndarray, device: str, batch_size: int = 512) -> torch.Tensor:
+    """VAE latent means of global rows -> (N, D) on `device`."""
+    vae.eval()
+    chunks = [vae.encode(data.frames(rows[i:i + batch_size], device))[0] for i in range(0, len(rows), batch_size)]
+    return torch.cat(chunks) if chunks else torch.zeros(0, vae.config.latent_dim, device=device)
+
+
+class LatentTable:
+    """Latents of every covered row, looked up by global row index."""
+
+    def __init__(self, vae, data: V1Data, device: str, rows: np.ndarray | None = None):
+        rows = np.union1d(data.train_rows, data.val_rows) if rows is None else np.asarray(rows)
+        self.index = np.full(int(rows.max()) + 1, -1, dtype=np.int64)
+        self.index[rows] = np.arange(len(rows))
+        self.latents = encode_rows(vae, data, rows, device)  # (R, D)
+
+    def windows(self, starts: np.ndarray, seq_len: int) -> torch.Tensor:
+        """Latents of T-step windows -> (B, T, D)."""
+        rows = np.asarray(starts)[:, None] + np.arange(seq_len)  # (B, T)
+        return self.latents[torch.from_numpy(self.index[rows]).to(self.latents.device)]
+
+    def rows(self, rows: np.ndarray) -> torch.Tensor:
+        return self.latents[torch.from_numpy(self.index[np.asarray(rows)]).to(self.latents.device)]
+
+
+def load_network(path, kind: str, device: str):
+    """A v1 network ("vae", "dynamics" or "probe") rebuilt from its checkpoint, in eval mode."""
+    return build_model(load_checkpoint(path, kind=kind)).to(device).eval()

@@ -1,0 +1,269 @@
+"""Planning in the v1 world model: candidate action sequences, imagined rollouts, goal scores, MPC and CEM.
+
+A plan is scored by imagining it: encode the current frame with the VAE, roll the latent GRU out
+open-loop with the plan's actions, read the final latent with the RAM probe, and score
+-Manhattan distance to the goal tile, +1000 / -1000 for being on / off the goal map, -50 if the
+probe predicts a battle and -10 if it predicts an open dialog (the original's score).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from dataset import frames_to_float
+from models import VAE, LatentDynamics, RamProbe
+
+DOWN, LEFT, RIGHT, UP, A, B, START, PASS = range(8)  # env.ACTIONS order
+MOVES = (DOWN, LEFT, RIGHT, UP)
+STEP = {DOWN: (0, 1), LEFT: (-1, 0), RIGHT: (1, 0), UP: (0, -1)}  # tile (dx, dy) of each move
+
+
+@dataclass(frozen=True)
+class Goal:
+    map_id: int
+    x: int
+    y: int
+
+
+@dataclass
+class Plan:
+    actions: np.ndarray  # (L,) int64, the chosen sequence
+    candidates: np.ndarray  # (N, L) every sequence scored in the last round
+    scores: np.ndarray  # (N,) their scores
+    best: int  # index of `actions` in `candidates`
+    path_xy: np.ndarray  # (L, 2) probe (x, y) along the chosen sequence's imagined rollout
+    final_frame: np.ndarray  # (H, W, 3) uint8, the decoded final imagined latent
+
+
+def candidate_macros(length: int = 15, num_random: int = 5, rng: np.random.Generator | None = None) -> np.ndarray:
+    """The original's macro-sequences (N, length): 4 straight lines, 4 zig-zags, A*, B*, A-then-down, randoms."""
+    rng = rng or np.random.default_rng(0)
+    t = np.arange(length)
+    rows = [np.full(length, move) for move in MOVES]
+    for first, second in ((DOWN, RIGHT), (DOWN, LEFT), (UP, RIGHT), (UP, LEFT)):
+        rows.append(np.where(t % 2 == 0, first, second))
+    rows.append(np.full(length, A))
+    rows.append(np.full(length, B))
+    rows.append(np.where(t < length // 3, A, DOWN))  # talk / confirm, then walk down
+    rows += [rng.integers(0, 8, length) for _ in range(num_random)]
+    return np.stack(rows).astype(np.int64)
+
+
+class LatentPlanner:
+    """Holds the three frozen v1 networks; imagines batches of action sequences from a frame."""
+
+    def __init__(self, vae: VAE, dynamics: LatentDynamics, probe: RamProbe | None, device: str = "cpu"):
+        """probe may be None when only imagining and decoding (no scoring)."""
+        self.vae, self.dynamics, self.probe = vae.eval(), dynamics.eval(), probe.eval() if probe is not None else None
+        self.device = device
+
+    @torch.no_grad()
+    def encode(self, frame: np.ndarray) -> torch.Tensor:
+        """(H, W, 3) uint8 -> (1, D) latent mean."""
+        x = frames_to_float(torch.from_numpy(np.ascontiguousarray(frame))[None, None], self.device)  # (1, 1, 3, H, W)
+        return self.vae.encode(x[:, 0])[0]
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """Latents (N, D) -> frames (N, H, W, 3) uint8."""
+        frames = self.vae.decode(latents)  # (N, 3, H, W)
+        return (frames.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+
+    @torch.no_grad()
+    def imagine(self, z0: torch.Tensor, sequences: np.ndarray):
+        """z0 (1, D), sequences (N, L) -> latents (N, L, D) and the probe's reading of every step."""
+        actions = torch.as_tensor(sequences, device=self.device)
+        latents, _ = self.dynamics.rollout(z0.expand(actions.shape[0], -1), actions)  # (N, L, D)
+        n, steps, dim = latents.shape
+        out = self.probe(latents.reshape(n * steps, dim))
+        return latents, {k: v.reshape(n, steps, *v.shape[1:]) for k, v in out.items()}
+
+    @staticmethod
+    def score(final: dict, goal: Goal) -> torch.Tensor:
+        """The original's score of each sequence from the probe's reading of its final latent (N,)."""
+        dist = (final["xy"][:, 0] - goal.x).abs() + (final["xy"][:, 1] - goal.y).abs()
+        on_map = final["map_logits"].argmax(-1) == goal.map_id
+        return (
+            -dist
+            + torch.where(on_map, 1000.0, -1000.0)
+            - 50.0 * (final["battle_logit"] > 0).float()
+            - 10.0 * (final["dialog_logit"] > 0).float()
+        )
+
+    def evaluate(self, z0: torch.Tensor, sequences: np.ndarray, goal: Goal):
+        latents, out = self.imagine(z0, sequences)
+        scores = self.score({k: v[:, -1] for k, v in out.items()}, goal)
+        return latents, out, scores
+
+    def _plan(self, z0, candidates, goal) -> Plan:
+        latents, out, scores = self.evaluate(z0, candidates, goal)
+        best = int(scores.argmax())
+        return Plan(
+            actions=candidates[best].copy(),
+            candidates=candidates,
+            scores=scores.cpu().numpy(),
+            best=best,
+            path_xy=out["xy"][best].cpu().numpy(),
+            final_frame=self.decode(latents[best, -1:])[0],
+        )
+
+    def plan_mpc(self, frame: np.ndarray, goal: Goal, length: int = 15, rng: np.random.Generator | None = None) -> Plan:
+        """Score the fixed macro candidates and return the best."""
+        return self._plan(self.encode(frame), candidate_macros(length, rng=rng), goal)
+
+    def plan_cem(
+        self,
+        frame: np.ndarray,
+        goal: Goal,
+        length: int = 15,
+        population: int = 128,
+        elites: int = 12,
+        iterations: int = 4,
+        smoothing: float = 0.3,
+        rng: np.random.Generator | None = None,
+    ) -> Plan:
+        """Cross-entropy method over per-step action distributions, seeded with the macros.
+
+        Each round samples `population` sequences from independent per-step categoricals, keeps
+        the `elites` best and moves the categoricals toward their action frequencies. The best
+        sequence so far is carried into every round, so the result scores at least as well as the
+        best macro-sequence (the rollout is deterministic).
+        """
+        rng = rng or np.random.default_rng(0)
+        z0 = self.encode(frame)
+        probs = np.full((length, 8), 1.0 / 8)  # (L, 8)
+        carry = candidate_macros(length, rng=rng)
+        for _ in range(iterations):
+            cum = probs.cumsum(-1)  # (L, 8)
+            draws = (rng.random((population, length, 1)) > cum[None]).sum(-1).clip(0, 7)  # (P, L)
+            candidates = np.concatenate([carry, draws]).astype(np.int64)
+            _, _, scores = self.evaluate(z0, candidates, goal)
+            order = scores.argsort(descending=True).cpu().numpy()
+            elite = candidates[order[:elites]]  # (E, L)
+            freq = np.stack([(elite == a).mean(0) for a in range(8)], -1)  # (L, 8)
+            probs = smoothing * probs + (1 - smoothing) * freq
+            probs = (probs + 1e-3) / (probs + 1e-3).sum(-1, keepdims=True)  # keep every action possible
+            carry = elite[:1]
+        return self._plan(z0, candidates, goal)
+
+
+def greedy_action(x: int, y: int, goal: Goal, blocked: set, rng: np.random.Generator) -> int:
+    """No world model: step along the axis with the larger gap to the goal, avoiding moves just blocked."""
+    dx, dy = goal.x - x, goal.y - y
+    wanted = []
+    if dx:
+        wanted.append((abs(dx), RIGHT if dx > 0 else LEFT))
+    if dy:
+        wanted.append((abs(dy), DOWN if dy > 0 else UP))
+    for _, move in sorted(wanted, reverse=True):
+        if move not in blocked:
+            return move
+    free = [m for m in MOVES if m not in blocked] or list(MOVES)
+    return int(rng.choice(free))
+
+
+# --- policies for goal episodes in the emulator --------------------------------------------------
+class PlannerPolicy:
+    """World-model planner (MPC or CEM): plan from the current frame, run the first
+    `execute_steps` actions of the plan, then replan."""
+
+    def __init__(self, planner: LatentPlanner, method: str = "mpc", horizon: int = 15, execute_steps: int = 5, seed: int = 0,
+                 plan_kwargs: dict | None = None):
+        self.planner, self.method, self.horizon, self.execute_steps = planner, method, horizon, execute_steps
+        self.plan_kwargs = plan_kwargs or {}  # e.g. population / iterations for CEM
+        self.rng = np.random.default_rng(seed)
+        self.queue, self.last_plan = [], None
+
+    def reset(self, goal: Goal) -> None:
+        self.goal, self.queue, self.last_plan = goal, [], None
+
+    def act(self, obs: np.ndarray, state) -> int:
+        if not self.queue:
+            plan_fn = self.planner.plan_cem if self.method == "cem" else self.planner.plan_mpc
+            self.last_plan = plan_fn(obs, self.goal, length=self.horizon, rng=self.rng, **self.plan_kwargs)
+            self.queue = list(self.last_plan.actions[: self.execute_steps])
+        return int(self.queue.pop(0))
+
+
+class GreedyPolicy:
+    """No world model: walk toward the goal from the true (RAM) position, sidestepping walls."""
+
+    def __init__(self, seed: int = 0):
+        self.rng = np.random.default_rng(seed)
+
+    def reset(self, goal: Goal) -> None:
+        self.goal, self.blocked, self.last = goal, set(), None
+
+    def act(self, obs: np.ndarray, state) -> int:
+        position = (state.map_id, state.x, state.y)
+        if self.last is not None and self.last[0] == position:
+            self.blocked.add(self.last[1])  # the last move did not move us
+        elif self.last is not None:
+            self.blocked = set()
+        action = greedy_action(state.x, state.y, self.goal, self.blocked, self.rng)
+        self.last = (position, action)
+        return action
+
+
+class RandomPolicy:
+    """Uniformly random actions over all 8 buttons."""
+
+    def __init__(self, seed: int = 0):
+        self.rng = np.random.default_rng(seed)
+
+    def reset(self, goal: Goal) -> None:
+        pass
+
+    def act(self, obs: np.ndarray, state) -> int:
+        return int(self.rng.integers(0, 8))
+
+
+def at_goal(state, goal: Goal) -> bool:
+    return state.map_id == goal.map_id and state.x == goal.x and state.y == goal.y
+
+
+def sample_goal(env, state_index: int, rng: np.random.Generator, radius: int = 10, min_distance: int = 2,
+                walk_steps: int = 200) -> Goal | None:
+    """A tile on the start map that a random walk from start state `state_index` stood on, at
+    Manhattan distance min_distance..radius from the start: reachable by construction. The walk
+    restarts from the start state whenever it leaves the map or meets a battle. None if no such tile."""
+    _, info = env.reset(options={"state_index": state_index})
+    start = info["state"]
+    tiles = set()
+    for _ in range(walk_steps):
+        action = int(rng.choice(MOVES)) if rng.random() < 0.9 else A  # A clears text boxes
+        _, _, terminated, _, info = env.step(action)
+        s = info["state"]
+        if s.map_id != start.map_id or s.in_battle or terminated:
+            env.reset(options={"state_index": state_index})
+            continue
+        if not s.dialog_open and min_distance <= abs(s.x - start.x) + abs(s.y - start.y) <= radius:
+            tiles.add((s.x, s.y))
+    if not tiles:
+        return None
+    x, y = sorted(tiles)[int(rng.integers(len(tiles)))]
+    return Goal(start.map_id, x, y)
+
+
+def run_goal_episode(env, state_index: int, goal: Goal, policy, max_steps: int = 60, on_step=None) -> dict:
+    """Reset to start state `state_index` and act until the player stands on the goal tile or
+    `max_steps` actions have been taken. on_step(obs, state, action, policy) is called before each
+    action, and once more with action None after the last. Returns success, steps (actions taken until the goal, or None) and the start tile."""
+    obs, info = env.reset(options={"state_index": state_index})
+    policy.reset(goal)
+    state = info["state"]
+    start, steps = (state.x, state.y), 0
+    while not at_goal(state, goal) and steps < max_steps:
+        action = policy.act(obs, state)
+        if on_step is not None:
+            on_step(obs, state, action, policy)
+        obs, _, terminated, _, info = env.step(action)
+        state, steps = info["state"], steps + 1
+        if terminated:
+            break
+    success = at_goal(state, goal)
+    if on_step is not None:
+        on_step(obs, state, None, policy)  # the final frame: no action
+    return {"success": success, "steps": steps if success else None, "start": start, "end": (state.map_id, state.x, state.y)}

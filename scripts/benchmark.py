@@ -1,0 +1,562 @@
+"""Speed and memory of the whole pipeline, and of the original's way of doing the same, in one run.
+
+    python scripts/benchmark.py --out outputs/benchmarks.json --hot-paths     # full (15-30 min on 2 busy cores)
+    python scripts/benchmark.py --quick --out /tmp/benchmarks.json            # < 2 minutes, tiny sizes
+
+Measured, each in its own forked process (so its peak RSS is its own and one cannot slow the next):
+  env_steps            PokemonEnv.step at native 144x160, random actions (1 process)
+  collect_original     the ORIGINAL's collector loop, rebuilt here (`original_collect`): a new emulator
+                       per episode, all 24 frames of an action rendered and each turned into a PIL image
+  collect_1_worker     scripts/collect_data.py --workers 1 (subprocess, fixed step count, its own timer)
+  collect_N_workers    the same with --workers N and N times the steps (the same work per worker)
+  train_<preset>       world-model training frames/s: PokemonDataset.get_batch on the frames just collected
+                       -> frames_to_float -> forward, backward, grad clip, Adam
+  train_faithful_original   the ORIGINAL's training loop at the faithful sizes (`original_train_step`)
+  imagine_<preset>     latent steps/s of the prior alone (imagination.imagine, no decoding)
+  imagine_original     a plain GRUCell + MLP step at the faithful sizes (`OriginalPriorStep`)
+  decode_<preset>      decoded frames/s (imagination.decode)
+  --hot-paths adds: channels_last on/off, torch.compile, and 1 vs --threads torch threads.
+Ratios come from figures of the SAME run; absolute speeds depend on what else the machine runs.
+Peak RSS = ru_maxrss of the measuring process (includes the interpreter and its imports; the RSS just
+before the timed work is given as baseline_rss_mb); for the collector, the largest of its processes.
+Writes --out (JSON, atomic) and prints a table.
+"""
+import argparse
+import json
+import math
+import multiprocessing as mp
+import os
+import platform
+import re
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+import artifacts
+from dataset import CHUNK_FIELDS, PokemonDataset, chunk_name
+from env import (ACTIONS, DEFAULT_ROM, PRESS_FRAMES, PokemonEnv, identify_rom, make_start_states, open_emulator,
+                 parse_resolution)
+from errors import UserError, cli
+from game_state import read_state
+
+REPO = Path(__file__).resolve().parents[1]
+
+# sizes: the full run, and --quick (tiny sizes so that the whole run takes < 2 minutes)
+FULL = dict(emu_steps=2000, episode_length=1000, save_interval=1000, resolution="144x160", batch_size=8, seq_len=15,
+            train_steps={"faithful": 2, "default": 4}, imagine_batch=1024, horizon=15, repeats=3, decode_frames=32)
+QUICK = dict(emu_steps=120, episode_length=60, save_interval=60, resolution="48x64", batch_size=2, seq_len=4,
+             train_steps={"faithful": 1, "default": 1}, imagine_batch=64, horizon=4, repeats=1, decode_frames=4)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rom", type=Path, default=DEFAULT_ROM, help="ROM to step (default: the open cartridge)")
+    p.add_argument("--out", type=Path, default=Path("outputs/benchmarks.json"), help="JSON results (written atomically)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes and durations (< 2 minutes)")
+    p.add_argument("--workers", type=int, default=2, help="collector workers of the multi-worker measurement")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads of the model measurements")
+    p.add_argument("--emu-steps", type=int, default=None, help="env steps per emulator measurement (and per worker)")
+    p.add_argument("--episode-length", type=int, default=None, help="steps per episode of the collectors")
+    p.add_argument("--presets", nargs="+", default=["faithful", "default"], choices=("faithful", "default", "tiny"),
+                   help="world-model presets to train, imagine and decode with")
+    p.add_argument("--train-steps", type=int, default=None, help="timed training steps per preset (after 1 warm-up)")
+    p.add_argument("--imagine-batch", type=int, default=None, help="imagination batch (1024 in the full run)")
+    p.add_argument("--horizon", type=int, default=None, help="imagined steps per rollout (15 in the full run)")
+    p.add_argument("--hot-paths", action="store_true",
+                   help="also measure channels_last flipped, torch.compile, and 1 vs 2 torch threads")
+    args = p.parse_args(argv)
+    sizes = dict(QUICK if args.quick else FULL)
+    for key in ("emu_steps", "episode_length", "imagine_batch", "horizon"):
+        if getattr(args, key) is not None:
+            sizes[key] = getattr(args, key)
+    if args.train_steps is not None:
+        sizes["train_steps"] = {preset: args.train_steps for preset in sizes["train_steps"]}
+    for key in ("emu_steps", "episode_length", "imagine_batch", "horizon"):
+        if sizes[key] < 1:
+            raise UserError(f"--{key.replace('_', '-')} {sizes[key]} must be at least 1")
+    if args.workers < 1 or args.threads < 1:
+        raise UserError(f"--workers {args.workers} and --threads {args.threads} must be at least 1")
+    if min(sizes["train_steps"].values()) < 1:
+        raise UserError(f"--train-steps {args.train_steps} must be at least 1")
+    sizes["save_interval"] = min(sizes["save_interval"], sizes["emu_steps"])
+    args.sizes = sizes
+    return args
+
+
+# --- running one measurement in its own process ---------------------------------------------
+def _rss_mb(field: str = "VmRSS") -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _child(send, function, kwargs):
+    try:
+        result = function(**kwargs)
+        result["peak_rss_mb"] = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                                    resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024
+        send.send(("ok", result))
+    except UserError as err:
+        send.send(("user", str(err)))
+    except BaseException:
+        send.send(("error", traceback.format_exc()))
+
+
+def isolated(function, **kwargs) -> dict:
+    """Run function(**kwargs) -> dict in a forked process; the dict gains peak_rss_mb and seconds."""
+    context = mp.get_context("fork")
+    receive, send = context.Pipe(duplex=False)
+    process = context.Process(target=_child, args=(send, function, kwargs))
+    began = time.perf_counter()
+    process.start()
+    send.close()
+    try:
+        status, payload = receive.recv()
+    except EOFError:
+        process.join()
+        raise RuntimeError(f"{function.__name__} died (exit code {process.exitcode}) without a result") from None
+    process.join()
+    if status == "user":
+        raise UserError(payload)
+    if status == "error":
+        raise RuntimeError(f"{function.__name__} failed:\n{payload}")
+    payload["seconds"] = time.perf_counter() - began
+    return payload
+
+
+def _torch(threads: int):
+    import torch
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    return torch
+
+
+# --- emulator and collection ------------------------------------------------------------------
+def measure_env_steps(rom, state_file, steps, episode_length) -> dict:
+    """PokemonEnv at native resolution, uniformly random actions, resets every `episode_length`."""
+    env = PokemonEnv(rom=rom, save_states=[state_file], episode_length=episode_length)
+    rng = np.random.default_rng(0)
+    baseline = _rss_mb()
+    env.reset(seed=0)
+    began = time.perf_counter()
+    for _ in range(steps):
+        _, _, terminated, truncated, _ = env.step(int(rng.integers(len(ACTIONS))))
+        if terminated or truncated:
+            env.reset(seed=int(rng.integers(2**31)))
+    seconds = time.perf_counter() - began
+    env.close()
+    return {"value": steps / seconds, "unit": "steps/s", "baseline_rss_mb": baseline,
+            "config": {"steps": steps, "episode_length": episode_length, "resolution": "144x160",
+                       "ticks_per_action": 24, "policy": "random", "processes": 1}}
+
+
+def original_collect(rom, state_file, steps, episode_length, save_interval, out_dir, seed=0) -> int:
+    """The ORIGINAL's way of collecting, kept as the reference the collector is measured against
+    (described in reference/seed-repository.md; written here from that description):
+    a new PyBoy for every episode (loading the start state from its file), every one of the 24
+    frames of an action rendered and converted through a PIL image, the rows kept in Python lists
+    until `save_interval` steps are written with np.savez_compressed. Returns the chunks written."""
+    from pyboy import PyBoy
+
+    rng = np.random.default_rng(seed)
+    rows = {key: [] for key in CHUNK_FIELDS}
+    written, done = 0, 0
+
+    def save():
+        nonlocal written
+        written += 1
+        arrays = {key: np.array(values, dtype=CHUNK_FIELDS[key][0]) for key, values in rows.items()}
+        np.savez_compressed(Path(out_dir) / chunk_name(written), **arrays)
+        for values in rows.values():
+            values.clear()
+
+    while done < steps:
+        pyboy = PyBoy(str(rom), window="null", sound_emulated=False)
+        pyboy.set_emulation_speed(0)
+        with open(state_file, "rb") as f:
+            pyboy.load_state(f)
+        pyboy.tick()
+        frame = np.array(pyboy.screen.image.convert("RGB"))
+        for t in range(min(episode_length, steps - done)):
+            state = read_state(pyboy)
+            action = int(rng.integers(len(ACTIONS)))
+            button = ACTIONS[action]
+            for tick in range(24):
+                if button != "pass" and tick == 0:
+                    pyboy.button_press(button)
+                if button != "pass" and tick == PRESS_FRAMES:
+                    pyboy.button_release(button)
+                pyboy.tick()  # renders the frame
+                next_frame = np.array(pyboy.screen.image.convert("RGB"))  # every frame through PIL
+            for key, value in (("obs", frame), ("actions", action), ("rewards", 0.0), ("terminals", False),
+                               ("episode_starts", t == 0), ("map_ids", state.map_id), ("xs", state.x),
+                               ("ys", state.y), ("facings", state.facing), ("in_battles", state.in_battle),
+                               ("dialog_opens", state.dialog_open), ("badges", state.badges),
+                               ("party_hps", state.party_hps), ("party_max_hps", state.party_max_hps)):
+                rows[key].append(value)
+            frame = next_frame
+            done += 1
+            if len(rows["actions"]) == save_interval:
+                save()
+        pyboy.stop(save=False)
+    if rows["actions"]:
+        save()
+    return written
+
+
+def measure_original_collect(rom, state_file, steps, episode_length, save_interval) -> dict:
+    baseline = _rss_mb()
+    with tempfile.TemporaryDirectory() as out:
+        began = time.perf_counter()
+        original_collect(rom, state_file, steps, episode_length, save_interval, out)
+        seconds = time.perf_counter() - began
+    return {"value": steps / seconds, "unit": "steps/s", "baseline_rss_mb": baseline,
+            "config": {"steps": steps, "episode_length": episode_length, "save_interval": save_interval,
+                       "resolution": "144x160", "policy": "random", "processes": 1,
+                       "way": "new emulator per episode, 24 rendered frames per action, PIL conversion of each"}}
+
+
+def measure_collector(rom, state_file, steps, episode_length, save_interval, workers, resolution, out_dir) -> dict:
+    """scripts/collect_data.py as a subprocess; the rate is its own (collection loop, workers included)."""
+    command = [sys.executable, str(REPO / "scripts" / "collect_data.py"), "--rom", str(rom), "--out-dir", str(out_dir),
+               "--total-steps", str(steps), "--episode-length", str(episode_length),
+               "--save-interval", str(save_interval), "--workers", str(workers), "--policy", "random",
+               "--resolution", resolution, "--save-state", str(state_file)]
+    began = time.perf_counter()
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    wall = time.perf_counter() - began
+    if done.returncode:
+        raise RuntimeError(f"collect_data.py failed ({done.returncode}): {done.stderr[-2000:]}")
+    match = re.search(r"done: (\d+) steps in ([\d.]+) s", done.stdout)
+    if not match:
+        raise RuntimeError(f"collect_data.py printed no rate: {done.stdout[-1000:]}")
+    collected, seconds = int(match.group(1)), float(match.group(2))
+    return {"value": collected / seconds, "unit": "steps/s", "per_worker": collected / seconds / workers,
+            "wall_s_with_startup": wall,
+            "config": {"steps": collected, "workers": workers, "episode_length": episode_length,
+                       "save_interval": save_interval, "resolution": resolution, "policy": "random",
+                       "command": " ".join(command[1:])}}
+
+
+# --- world-model training -------------------------------------------------------------------
+def _world_model(torch, preset, image_size, channels_last=None):
+    from models import RSSMConfig, WorldModel
+
+    overrides = {"image_size": tuple(image_size)}
+    if channels_last is not None:
+        overrides["channels_last"] = channels_last
+    return WorldModel(RSSMConfig.from_preset(preset, **overrides))
+
+
+def original_batch(torch, ds, starts):
+    """The ORIGINAL's data path: every window turned into float32 on its own (Dataset.__getitem__),
+    then stacked (the DataLoader's collate)."""
+    items = []
+    for s in starts:
+        obs = ds.obs[s:s + ds.seq_len].astype(np.float32) / 255.0  # (T, H, W, 3) float per item
+        items.append((torch.tensor(obs).permute(0, 3, 1, 2), torch.tensor(ds.arrays["actions"][s:s + ds.seq_len]).long(),
+                      torch.tensor(ds.arrays["rewards"][s:s + ds.seq_len]),
+                      torch.tensor(1.0 - ds.arrays["terminals"][s:s + ds.seq_len].astype(np.float32))))
+    return [torch.stack(column) for column in zip(*items)]
+
+
+def original_forward(torch, wm, frames, actions, rewards, continues):
+    """The ORIGINAL's training forward at the faithful sizes: every per-step network inside the time
+    loop (the posterior MLP on the concatenation [h, embedding], the prior MLP), then the same losses
+    as WorldModel.forward (pixel MSE, balanced KL, reward MSE, continue BCE)."""
+    import torch.nn.functional as F
+
+    from models import kl_losses
+
+    rssm, cfg = wm.rssm, wm.cfg
+    embeds = wm.embed(frames)  # (B, T, E)
+    post_weight = torch.cat([rssm.post_h_in.weight, rssm.post_embed_in.weight], 1)  # one Linear on [h, e]
+    h, z = rssm.initial(frames.shape[0])
+    hs, zs, posts, priors = [], [], [], []
+    for t in range(frames.shape[1]):
+        if t > 0:
+            a = F.one_hot(actions[:, t - 1], cfg.num_actions).float()
+            h = rssm.cell(rssm.img_in(torch.cat([z, a], -1)), h)
+        prior = rssm.log_probs(rssm.prior_net(h))
+        post = rssm.log_probs(rssm.post_net(F.linear(torch.cat([h, embeds[:, t]], -1), post_weight,
+                                                     rssm.post_embed_in.bias)))
+        z = rssm.sample(post, True)
+        hs.append(h), zs.append(z), posts.append(post), priors.append(prior)
+    feat = torch.cat([torch.stack(hs, 1), torch.stack(zs, 1)], -1)  # (B, T, F)
+    pred = wm.frames_from_output(wm.decode_raw(feat))
+    recon = F.mse_loss(pred, frames)
+    dyn, rep, _ = kl_losses(torch.stack(posts, 1), torch.stack(priors, 1), cfg.free_nats)
+    reward = wm.reward_head.loss(feat[:, 1:], rewards[:, :-1]).mean()
+    cont = F.binary_cross_entropy_with_logits(wm.cont_head(feat[:, 1:]).squeeze(-1), continues[:, :-1])
+    losses = {"recon": recon, "kl_dyn": dyn.mean(), "kl_rep": rep.mean(), "reward": reward, "cont": cont}
+    return sum(wm.loss_weights[k] * v for k, v in losses.items())
+
+
+def measure_training(data_dir, preset, batch_size, seq_len, steps, threads, way="ours", channels_last=None,
+                     compile_model=False) -> dict:
+    """Median seconds of one whole training step (data included) after one warm-up -> frames/s."""
+    from dataset import frames_to_float
+
+    torch = _torch(threads)
+    ds = PokemonDataset(data_dir, seq_len=seq_len)
+    wm = _world_model(torch, preset, ds.resolution, channels_last)
+    wm.train()
+    model = torch.compile(wm) if compile_model else wm
+    optimizer = torch.optim.Adam(wm.parameters(), lr=1e-4)
+    rng = np.random.default_rng(0)
+    baseline = _rss_mb()
+    timings = []
+    for i in range(steps + 1):
+        starts = rng.choice(ds.window_starts, batch_size, replace=len(ds) < batch_size)
+        began = time.perf_counter()
+        if way == "original":
+            frames, actions, rewards, continues = original_batch(torch, ds, starts)
+            total = original_forward(torch, wm, frames, actions, rewards, continues)
+            optimizer.zero_grad()
+        else:
+            batch = ds.get_batch(starts)
+            total, _, _, _ = model(frames_to_float(batch["obs"], "cpu"), batch["actions"], batch["rewards"],
+                                   batch["continues"])
+            optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(wm.parameters(), wm.cfg.grad_clip)
+        optimizer.step()
+        if i:
+            timings.append(time.perf_counter() - began)
+    frames_per_step = batch_size * seq_len
+    return {"value": frames_per_step / float(np.median(timings)), "unit": "frames/s", "baseline_rss_mb": baseline,
+            "config": {"preset": preset, "way": way, "batch_size": batch_size, "seq_len": seq_len,
+                       "resolution": "x".join(map(str, ds.resolution)), "timed_steps": steps, "threads": threads,
+                       "channels_last": wm.cfg.channels_last, "torch_compile": compile_model,
+                       "parameters": sum(p.numel() for p in wm.parameters()), "data": "real collected frames"}}
+
+
+# --- imagination and decoding ---------------------------------------------------------------
+def original_prior_step(torch):
+    """The ORIGINAL's prior step at its sizes: nn.GRUCell(1024 + 8 -> 512), an ELU MLP 512 -> 512 -> 32x32
+    logits, a straight-through one-hot of the most likely class; run as plain modules with autograd on."""
+    nn = torch.nn
+
+    class OriginalPriorStep(nn.Module):
+        def __init__(self, stoch=32, classes=32, deter=512, hidden=512, actions=8):
+            super().__init__()
+            self.stoch, self.classes, self.actions = stoch, classes, actions
+            self.cell = nn.GRUCell(stoch * classes + actions, deter)
+            self.prior = nn.Sequential(nn.Linear(deter, hidden), nn.ELU(), nn.Linear(hidden, stoch * classes))
+
+        def forward(self, h, z, action):
+            a = torch.nn.functional.one_hot(action, self.actions).float()
+            h = self.cell(torch.cat([z, a], -1), h)
+            probs = self.prior(h).view(-1, self.stoch, self.classes).softmax(-1)
+            onehot = torch.nn.functional.one_hot(probs.argmax(-1), self.classes).float()
+            return h, (onehot + probs - probs.detach()).flatten(1)
+
+    return OriginalPriorStep()
+
+
+def measure_imagination(preset, batch, horizon, repeats, threads, image_size) -> dict:
+    """Best of `repeats` rollouts of `horizon` prior steps for `batch` starts -> latent steps/s."""
+    import imagination
+
+    torch = _torch(threads)
+    actions = torch.randint(0, len(ACTIONS), (batch, horizon))
+    if preset == "original":
+        step = original_prior_step(torch)
+        h, z = torch.zeros(batch, 512), torch.zeros(batch, 1024)
+
+        def rollout():
+            state = (h, z)
+            for t in range(horizon):
+                state = step(*state, actions[:, t])
+    else:
+        wm = _world_model(torch, preset, image_size).eval()  # the image size changes only the encoder/decoder
+        state = wm.rssm.initial(batch)
+
+        def rollout():
+            imagination.imagine(wm, state, actions)
+    rollout()  # warm-up
+    baseline = _rss_mb()
+    best = math.inf
+    for _ in range(repeats):
+        began = time.perf_counter()
+        rollout()
+        best = min(best, time.perf_counter() - began)
+    way = "plain GRUCell + MLP modules, autograd on" if preset == "original" else "imagination.imagine (inference mode)"
+    return {"value": batch * horizon / best, "unit": "latent steps/s", "baseline_rss_mb": baseline,
+            "config": {"preset": preset if preset != "original" else "original (faithful sizes)", "batch": batch,
+                       "horizon": horizon, "repeats": repeats, "threads": threads, "decoding": False, "way": way}}
+
+
+def measure_decoding(preset, frames, threads, image_size) -> dict:
+    import imagination
+
+    torch = _torch(threads)
+    wm = _world_model(torch, preset, image_size).eval()
+    feat = torch.randn(1, frames, wm.feat_dim)
+    imagination.decode(wm, feat[:, :1])  # warm-up
+    baseline = _rss_mb()
+    began = time.perf_counter()
+    imagination.decode(wm, feat)
+    seconds = time.perf_counter() - began
+    return {"value": frames / seconds, "unit": "frames/s", "baseline_rss_mb": baseline,
+            "config": {"preset": preset, "frames": frames, "resolution": "x".join(map(str, image_size)), "threads": threads,
+                       "way": "imagination.decode, 64 frames per decoder call"}}
+
+
+# --- the run ----------------------------------------------------------------------------------
+def make_state_file(rom, folder: Path) -> Path:
+    pyboy, info = open_emulator(rom)
+    try:
+        state = make_start_states(pyboy, info.game, count=1)[0]
+    finally:
+        pyboy.stop(save=False)
+    path = folder / "start.state"
+    path.write_bytes(state)
+    return path
+
+
+def ratio(numerator: dict, denominator: dict, target=None, note="") -> dict:
+    value = numerator["value"] / denominator["value"]
+    out = {"value": value, "note": note}
+    if target is not None:
+        out.update(target=target, meets_target=bool(value >= target))
+    return out
+
+
+def run(args) -> dict:
+    s, threads = args.sizes, args.threads
+    results, ratios = {}, {}
+
+    def record(name, function, **kwargs):
+        print(f"measuring {name} ...", flush=True)
+        results[name] = isolated(function, **kwargs)
+        r = results[name]
+        print(f"  {r['value']:.4g} {r['unit']}  (peak RSS {r['peak_rss_mb']:.0f} MB, {r['seconds']:.1f} s)", flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="benchmark_") as tmp:
+        tmp = Path(tmp)
+        state_file = make_state_file(args.rom, tmp)
+        emu = dict(rom=args.rom, state_file=state_file, episode_length=s["episode_length"])
+        record("env_steps", measure_env_steps, steps=s["emu_steps"], **emu)
+        record("collect_original", measure_original_collect, steps=s["emu_steps"], save_interval=s["save_interval"], **emu)
+        # the collectors store frames at the training resolution (native, or --quick's small one): the
+        # frames of the 1-worker run are the training data below
+        data_dir = tmp / "one_worker"
+        record("collect_1_worker", measure_collector, steps=s["emu_steps"], save_interval=s["save_interval"], workers=1,
+               resolution=s["resolution"], out_dir=data_dir, **emu)
+        record(f"collect_{args.workers}_workers", measure_collector, steps=s["emu_steps"] * args.workers,
+               save_interval=s["save_interval"], workers=args.workers, resolution=s["resolution"],
+               out_dir=tmp / "workers", **emu)
+        train = dict(data_dir=data_dir, batch_size=s["batch_size"], seq_len=s["seq_len"], threads=threads)
+        for preset in args.presets:
+            record(f"train_{preset}", measure_training, preset=preset, steps=s["train_steps"].get(preset, 2), **train)
+        if "faithful" in args.presets:
+            record("train_faithful_original", measure_training, preset="faithful", way="original",
+                   steps=s["train_steps"]["faithful"], **train)
+        image_size = parse_resolution(s["resolution"])
+        imag = dict(batch=s["imagine_batch"], horizon=s["horizon"], repeats=s["repeats"], threads=threads,
+                    image_size=image_size)
+        for preset in [*args.presets, "original"]:
+            record(f"imagine_{preset}", measure_imagination, preset=preset, **imag)
+        for preset in args.presets:
+            record(f"decode_{preset}", measure_decoding, preset=preset, frames=s["decode_frames"], threads=threads,
+                   image_size=image_size)
+        if args.hot_paths:
+            for preset in args.presets:
+                steps = s["train_steps"].get(preset, 2)
+                flipped = not _default_channels_last(preset)
+                record(f"train_{preset}_channels_last_{'on' if flipped else 'off'}", measure_training, preset=preset,
+                       steps=steps, channels_last=flipped, **train)
+                other = 2 if threads == 1 else 1
+                record(f"train_{preset}_{other}_threads", measure_training, preset=preset, steps=steps,
+                       **dict(train, threads=other))
+            if "default" in args.presets:
+                try:
+                    record("train_default_compiled", measure_training, preset="default",
+                           steps=s["train_steps"]["default"] + 2, compile_model=True, **train)
+                except RuntimeError as err:  # torch.compile needs a working C++ toolchain on CPU
+                    print(f"  torch.compile failed, not measured: {str(err).splitlines()[-1]}", flush=True)
+
+    workers = results[f"collect_{args.workers}_workers"]
+    ratios["collector_vs_original_per_worker"] = ratio(results["collect_1_worker"], results["collect_original"], 3.0,
+                                                       "collect_data.py --workers 1 / the original's loop")
+    ratios[f"workers_{args.workers}_vs_1"] = ratio(workers, results["collect_1_worker"],
+                                                   1.7 if args.workers == 2 else None,
+                                                   "needs as many free cores as workers")
+    ratios["env_vs_original_collect"] = ratio(results["env_steps"], results["collect_original"], None,
+                                              "PokemonEnv.step alone / the original's loop")
+    if "faithful" in args.presets:
+        ratios["train_faithful_vs_original"] = ratio(results["train_faithful"], results["train_faithful_original"],
+                                                     1.25, "whole training step, data included")
+        ratios["imagine_faithful_vs_original"] = ratio(results["imagine_faithful"], results["imagine_original"])
+    if "default" in args.presets:
+        ratios["imagine_default_vs_original"] = ratio(results["imagine_default"], results["imagine_original"])
+        if "faithful" in args.presets:
+            ratios["train_default_vs_faithful"] = ratio(results["train_default"], results["train_faithful"])
+    best = "default" if "default" in args.presets else args.presets[0]
+    imagined = results[f"imagine_{best}"]
+    ratios["imagined_per_emulator_step"] = ratio(imagined, results["env_steps"], None,
+                                                 f"imagine_{best} / env_steps (both per process)")
+    ratios["imagined_per_emulator_step_per_core"] = {
+        "value": ratios["imagined_per_emulator_step"]["value"] / threads,
+        "note": f"imagination uses {threads} torch threads, the emulator 1 core"}
+    for name, r in results.items():
+        if name.startswith("train_") and name not in ("train_faithful_original",) and name.count("_") > 1:
+            base = f"train_{r['config']['preset']}"
+            if base != name and base in results:
+                ratios[f"{name}_vs_plain"] = ratio(r, results[base], None, "> 1: this variant helps")
+    return {"results": results, "ratios": ratios}
+
+
+def _default_channels_last(preset: str) -> bool:
+    from models import RSSMConfig
+
+    return RSSMConfig.from_preset(preset).channels_last
+
+
+def environment() -> dict:
+    import pyboy
+
+    return {"python": platform.python_version(), "pyboy": getattr(pyboy, "__version__", "?"),
+            "cpu_count": os.cpu_count(), "load_average_at_start": list(os.getloadavg()),
+            "machine": platform.machine(), "note": "ratios are within this run; absolute speeds depend on the load"}
+
+
+def print_table(report: dict) -> None:
+    print(f"\n{'measurement':38s} {'figure':>12s} {'unit':16s} {'peak RSS':>9s}  configuration")
+    for name, r in report["results"].items():
+        config = ", ".join(f"{k}={v}" for k, v in r["config"].items() if k != "command")
+        print(f"{name:38s} {r['value']:12.4g} {r['unit']:16s} {r['peak_rss_mb']:7.0f}MB  {config}")
+    print(f"\n{'ratio':38s} {'value':>12s}  target")
+    for name, r in report["ratios"].items():
+        target = f">= {r['target']} ({'met' if r['meets_target'] else 'NOT met'})" if "target" in r else ""
+        print(f"{name:38s} {r['value']:12.3g}  {target}  {r.get('note', '')}")
+
+
+@cli
+def main(argv=None):
+    args = parse_args(argv)
+    identify_rom(args.rom)
+    began = time.time()
+    import torch  # imported once here, used only in the forked measurements (no thread pool exists yet)
+
+    report = run(args)
+
+    report["config"] = {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                        "torch": torch.__version__, **environment(), "total_seconds": time.time() - began}
+    print_table(report)
+    artifacts.write_json(args.out, report)
+    print(f"\nwrote {args.out} ({report['config']['total_seconds']:.0f} s)")
+    return report
+
+
+if __name__ == "__main__":
+    main()

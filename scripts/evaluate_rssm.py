@@ -1,0 +1,221 @@
+"""Evaluate RSSM checkpoints on held-out episodes: how far can the prior imagine before it drifts?
+
+    python scripts/evaluate_rssm.py --checkpoints checkpoints/faithful/best_world_model.pt \
+        checkpoints/rssm_v2/best_world_model.pt --labels faithful default --data-dir data --horizon 50
+
+For each checkpoint: a small probe (MLP) is trained on posterior features [h, s] of the TRAINING
+episodes to regress the player's (x, y) tile and classify the map id. On validation episodes
+(split by episode, as in training) the model observes --context real frames, then the prior alone
+imagines --horizon steps with the logged actions. Per imagined step k = 1..K: the probe's Manhattan
+tile error and map-id accuracy on the imagined features, and the PSNR of the decoded frame against
+the real one. Also: reconstruction PSNR of the posterior, and the probe's error on the posterior.
+Writes results.json, results.md (one table, checkpoints side by side) and drift.png to --out-dir.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import artifacts
+import checkpoint
+import imagination
+from dataset import PokemonDataset, frames_to_float
+from errors import UserError, cli
+from models import StateProbe, StateProbeConfig, psnr
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoints", nargs="+", required=True, help="one or more RSSM checkpoints (.pt) to compare")
+    p.add_argument("--labels", nargs="+", default=None, help="a name per checkpoint (default: file names)")
+    p.add_argument("--data-dir", default="data", help="folder of transitions_NNNN.npz chunks")
+    p.add_argument("--max-files", type=int, default=None, help="use only the first N data chunks")
+    p.add_argument("--val-split", type=float, default=0.1, help="fraction of episodes held out (as in training)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the episode split and the probe")
+    p.add_argument("--horizon", type=int, default=50, help="K: imagined steps to score")
+    p.add_argument("--context", type=int, default=1, help="real frames observed before imagining")
+    p.add_argument("--max-sequences", type=int, default=32, help="validation windows to imagine from")
+    p.add_argument("--probe-windows", type=int, default=128, help="training windows whose frames train the probe")
+    p.add_argument("--probe-steps", type=int, default=400, help="Adam steps of probe training")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    p.add_argument("--out-dir", default="outputs/eval_rssm", help="where results.json/.md and drift.png go")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--save-probe", default=None, metavar="PATH",
+                   help="save the probe trained for the FIRST checkpoint here (kind 'rssm_probe'; play_dream.py --probe)")
+    args = p.parse_args(argv)
+    if args.labels is not None and len(args.labels) != len(args.checkpoints):
+        raise UserError(f"{len(args.labels)} --labels for {len(args.checkpoints)} --checkpoints; give one per checkpoint")
+    if args.horizon < 1 or args.context < 1:
+        raise UserError("--horizon and --context must be at least 1")
+    return args
+
+
+def evenly(starts: np.ndarray, count: int) -> np.ndarray:
+    """Up to `count` windows spread over the whole array (deterministic)."""
+    if len(starts) <= count:
+        return starts
+    return starts[np.linspace(0, len(starts) - 1, count).round().astype(np.int64)]
+
+
+def posterior_features(wm, ds, starts, batch_size, device) -> tuple[torch.Tensor, dict, list]:
+    """Posterior features (N, T, F) of windows, their RAM targets, and per-window reconstruction PSNRs."""
+    feats, targets, psnrs = [], {"xs": [], "ys": [], "map_ids": []}, []
+    for i in range(0, len(starts), batch_size):
+        batch = ds.get_batch(starts[i:i + batch_size])
+        frames = frames_to_float(batch["obs"], device)
+        ctx = imagination.observe(wm, frames, batch["actions"].to(device))
+        recon = imagination.decode(wm, ctx["feat"])
+        psnrs.append(psnr((recon - frames).pow(2).mean((-3, -2, -1))).cpu())  # (B, T)
+        feats.append(ctx["feat"].cpu())
+        for key in targets:
+            targets[key].append(batch[key])
+    return torch.cat(feats), {k: torch.cat(v) for k, v in targets.items()}, psnrs
+
+
+def train_probe(feats: torch.Tensor, targets: dict, steps: int, seed: int) -> StateProbe:
+    torch.manual_seed(seed)
+    x = feats.flatten(0, 1)  # (N*T, F)
+    xy = torch.stack([targets["xs"], targets["ys"]], -1).flatten(0, 1).float()
+    maps = targets["map_ids"].flatten()
+    probe = StateProbe(StateProbeConfig(feat_dim=x.shape[-1]))
+    optimizer = torch.optim.Adam(probe.parameters(), lr=1e-3)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        idx = torch.randint(len(x), (min(512, len(x)),), generator=generator)
+        loss = probe.loss(x[idx], xy[idx], maps[idx])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return probe.eval()
+
+
+@torch.no_grad()
+def probe_scores(probe: StateProbe, feat: torch.Tensor, xs, ys, maps) -> tuple[torch.Tensor, torch.Tensor]:
+    """Manhattan tile error (rounded prediction) and map-id correctness, per element."""
+    pos, logits = probe(feat)
+    pos = pos.round()
+    error = (pos[..., 0] - xs).abs() + (pos[..., 1] - ys).abs()
+    return error, (logits.argmax(-1) == maps).float()
+
+
+def evaluate_checkpoint(path: Path, ds, train_starts, val_starts, args, device) -> dict:
+    ckpt = checkpoint.load_checkpoint(path, kind="rssm")
+    wm = checkpoint.build_model(ckpt, device=device)
+    if tuple(wm.cfg.image_size) != tuple(ds.resolution):
+        raise UserError(f"{path} expects {wm.cfg.image_size[0]}x{wm.cfg.image_size[1]} frames but {args.data_dir} "
+                        f"holds {ds.resolution[0]}x{ds.resolution[1]}")
+    feats, targets, _ = posterior_features(wm, ds, evenly(train_starts, args.probe_windows), args.batch_size, device)
+    probe = train_probe(feats, targets, args.probe_steps, args.seed)
+    if args.save_probe and path == Path(args.checkpoints[0]):
+        checkpoint.save_checkpoint(args.save_probe, kind="rssm_probe", config=dataclasses.asdict(probe.cfg),
+                                   model_state=probe.state_dict(), step=args.probe_steps,
+                                   extra={"world_model": str(path), "data_dir": str(args.data_dir)})
+        print(f"wrote the probe of {path} to {args.save_probe}", flush=True)
+
+    K, C = args.horizon, args.context
+    sums = {"tile_error": torch.zeros(K), "map_acc": torch.zeros(K), "psnr": torch.zeros(K)}
+    post_err, post_acc, recon_psnr, count = [], [], [], 0
+    val = evenly(val_starts, args.max_sequences)
+    for i in tqdm(range(0, len(val), args.batch_size), desc=f"imagining ({path.name})", unit="batch"):
+        batch = ds.get_batch(val[i:i + args.batch_size])
+        frames = frames_to_float(batch["obs"], device)  # (B, C+K, 3, H, W)
+        actions = batch["actions"].to(device)
+        out = imagination.open_loop(wm, frames, actions, context=C, horizon=K)
+        xs, ys, maps = batch["xs"][:, C:].float(), batch["ys"][:, C:].float(), batch["map_ids"][:, C:]
+        error, correct = probe_scores(probe, out["imagined"]["feat"].cpu(), xs, ys, maps)  # (B, K)
+        frame_psnr = psnr((out["pred"] - frames[:, C:]).pow(2).mean((-3, -2, -1))).cpu()  # (B, K)
+        sums["tile_error"] += error.sum(0)
+        sums["map_acc"] += correct.sum(0)
+        sums["psnr"] += frame_psnr.sum(0)
+        count += len(frames)
+        # the posterior over the whole window: reconstruction quality and what the probe reads from it
+        ctx = imagination.observe(wm, frames, actions)
+        recon_psnr.append(psnr((imagination.decode(wm, ctx["feat"]) - frames).pow(2).mean((-3, -2, -1))).flatten().cpu())
+        e, a = probe_scores(probe, ctx["feat"].cpu(), batch["xs"].float(), batch["ys"].float(), batch["map_ids"])
+        post_err.append(e.flatten()), post_acc.append(a.flatten())
+    steps = [{"k": k + 1, **{name: (v[k] / count).item() for name, v in sums.items()}} for k in range(K)]
+    return {
+        "checkpoint": str(path), "preset": wm.cfg.preset, "parameters": sum(p.numel() for p in wm.parameters()),
+        "sequences": count, "context": C, "recon_psnr": torch.cat(recon_psnr).mean().item(),
+        "posterior_tile_error": torch.cat(post_err).mean().item(), "posterior_map_acc": torch.cat(post_acc).mean().item(),
+        "steps": steps,
+    }
+
+
+def markdown(results: dict, horizon: int) -> str:
+    labels = list(results)
+    head = "| k | " + " | ".join(f"{l} tile err | {l} map acc | {l} PSNR dB" for l in labels) + " |"
+    rule = "|---|" + "---|---|---|" * len(labels)
+    lines = ["# RSSM imagination drift on held-out episodes", "",
+             "| | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+    for key, name in [("preset", "preset"), ("parameters", "parameters"), ("sequences", "sequences"),
+                      ("recon_psnr", "posterior reconstruction PSNR (dB)"),
+                      ("posterior_tile_error", "probe tile error on the posterior"),
+                      ("posterior_map_acc", "probe map accuracy on the posterior")]:
+        cells = [f"{results[l][key]:.3f}" if isinstance(results[l][key], float) else str(results[l][key]) for l in labels]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "Per imagined step k (prior only after the context frames):", "", head, rule]
+    for k in range(horizon):
+        cells = []
+        for l in labels:
+            s = results[l]["steps"][k]
+            cells.append(f"{s['tile_error']:.2f} | {s['map_acc']:.3f} | {s['psnr']:.2f}")
+        lines.append(f"| {k + 1} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
+    for label, res in results.items():
+        ks = [s["k"] for s in res["steps"]]
+        for ax, key in zip(axes, ("tile_error", "map_acc", "psnr")):
+            ax.plot(ks, [s[key] for s in res["steps"]], label=label)
+    for ax, title in zip(axes, ("probe tile error (Manhattan)", "map-id accuracy", "frame PSNR (dB)")):
+        ax.set_xlabel("imagined step k")
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+    artifacts.save_figure(fig, path)
+
+
+@cli
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
+    ds = PokemonDataset(args.data_dir, seq_len=args.context + args.horizon, max_files=args.max_files)
+    train_starts, val_starts = ds.split(args.val_split, seed=args.seed)
+    if len(val_starts) == 0 or len(train_starts) == 0:
+        raise UserError(f"{args.data_dir}: need training and validation episodes of at least "
+                        f"{args.context + args.horizon} steps; lower --horizon or collect more episodes")
+    labels = args.labels or [Path(c).parent.name + "/" + Path(c).stem for c in args.checkpoints]
+    results = {}
+    for label, path in zip(labels, args.checkpoints):
+        results[label] = evaluate_checkpoint(Path(path), ds, train_starts, val_starts, args, device)
+        steps = results[label]["steps"]
+        for k in sorted({min(29, args.horizon), args.horizon}):
+            print(f"{label}: step {k}: tile error {steps[k - 1]['tile_error']:.2f}, map acc "
+                  f"{steps[k - 1]['map_acc']:.3f}, PSNR {steps[k - 1]['psnr']:.2f} dB", flush=True)
+        print(f"{label}: posterior reconstruction PSNR {results[label]['recon_psnr']:.2f} dB", flush=True)
+    out = Path(args.out_dir)
+    artifacts.write_json(out / "results.json", {"data_dir": str(args.data_dir), "horizon": args.horizon,
+                                                "context": args.context, "results": results})
+    artifacts.write_text(out / "results.md", markdown(results, args.horizon))
+    plot(results, out / "drift.png")
+    print(f"wrote {out / 'results.md'}, results.json, drift.png", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,302 @@
+"""v2 world model: the tricky maths against plain loops, the faithful preset's size, checkpoints,
+and real tiny runs of every v2 script (train, DDP, kill-and-resume, evaluation, demo video)."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import checkpoint
+import imagination
+from conftest import REPO, run_script
+from errors import UserError
+from models import RSSM, RSSMConfig, WorldModel, kl_losses, twohot_bins, twohot_decode, twohot_encode
+
+TINY_TRAIN = ["--preset", "tiny", "--threads", "1", "--batch-size", "4", "--seq-len", "8", "--log-every", "1"]
+
+
+def count(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+# --- the model ----------------------------------------------------------------------------
+def test_faithful_preset_matches_the_original_sizes_and_shapes():
+    torch.manual_seed(0)
+    wm = WorldModel(RSSMConfig.from_preset("faithful")).eval()
+    for module, millions in [(wm, 56.7), (wm.encoder, 14.1), (wm.decoder, 37.7), (wm.rssm, 4.2)]:
+        assert count(module) == pytest.approx(millions * 1e6, rel=0.01)
+    assert wm.encoder.grid == (256, 9, 10)
+    assert isinstance(wm.rssm.cell, torch.nn.GRUCell) and wm.rssm.cell.input_size == 1024 + 8
+    frames = torch.rand(1, 2, 3, 144, 160)
+    with torch.no_grad():
+        embed = wm.embed(frames)
+        states = wm.rssm.observe(embed, torch.tensor([[1, 2]]))
+        feat = imagination.features(states)
+        out = wm.decode(feat)
+    assert embed.shape == (1, 2, 512) and feat.shape == (1, 2, 512 + 1024)
+    assert states["post_logp"].shape == (1, 2, 32, 32)
+    assert out.shape == (1, 2, 3, 144, 160) and 0 <= out.min() and out.max() <= 1
+
+
+def test_losses_and_weights_have_the_same_keys():
+    cfg = RSSMConfig.from_preset("tiny")
+    wm = WorldModel(cfg)
+    frames, actions = torch.rand(2, 3, 3, 144, 160), torch.randint(0, 8, (2, 3))
+    total, losses, metrics, _ = wm(frames, actions, torch.randn(2, 3), torch.ones(2, 3))
+    assert losses.keys() == wm.loss_weights.keys()
+    assert total.item() == pytest.approx(sum(wm.loss_weights[k] * v.item() for k, v in losses.items()), rel=1e-5)
+    cfg = RSSMConfig.from_preset("faithful", kl_scale=2.0)  # the original: kl_scale * (0.8 dyn + 0.2 rep)
+    assert cfg.kl_scale * cfg.kl_dyn == pytest.approx(1.6) and cfg.kl_scale * cfg.kl_rep == pytest.approx(0.4)
+    assert cfg.free_nats == 0 and cfg.unimix == 0 and cfg.sampler == "gumbel" and cfg.recon_loss == "mean"
+
+
+def test_config_rejects_unknown_fields_and_wrong_types():
+    with pytest.raises(ValueError, match="unknown RSSMConfig field"):
+        RSSMConfig.from_dict({"detr": 3})
+    with pytest.raises(ValueError, match="must be int"):
+        RSSMConfig.from_dict({"deter": "big"})
+    with pytest.raises(ValueError, match="divisible"):
+        RSSMConfig.from_preset("default", image_size=(100, 100))
+    cfg = RSSMConfig.from_preset("tiny")
+    assert RSSMConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_kl_balancing_equals_a_plain_loop():
+    torch.manual_seed(0)
+    post_logits = torch.randn(2, 3, 4, 5, requires_grad=True)
+    prior_logits = torch.randn(2, 3, 4, 5, requires_grad=True)
+    post, prior = post_logits.log_softmax(-1), prior_logits.log_softmax(-1)
+    dyn, rep, kl = kl_losses(post, prior, free_nats=0.0)
+    reference = torch.zeros(2, 3)
+    p, q = post.detach().exp(), prior.detach().exp()
+    for b in range(2):
+        for t in range(3):
+            for s in range(4):
+                for k in range(5):
+                    reference[b, t] += p[b, t, s, k] * math.log(p[b, t, s, k] / q[b, t, s, k])
+    for value in (dyn, rep, kl):
+        torch.testing.assert_close(value.detach(), reference, rtol=1e-5, atol=1e-6)
+    # faithful: kl_scale * (0.8 * dyn + 0.2 * rep); dyn trains only the prior, rep only the posterior
+    (0.8 * dyn.mean()).backward(retain_graph=True)
+    assert post_logits.grad is None and prior_logits.grad.abs().sum() > 0
+    prior_logits.grad = None
+    (0.2 * rep.mean()).backward()
+    assert prior_logits.grad is None and post_logits.grad.abs().sum() > 0
+
+
+def test_free_bits_clip_each_step_below_but_not_above():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 2, 4, requires_grad=True)
+    same = logits.log_softmax(-1)
+    dyn, rep, kl = kl_losses(same, same, free_nats=1.0)  # KL = 0 < 1 nat: clipped, no gradient
+    assert torch.all(dyn == 1.0) and torch.all(rep == 1.0) and torch.all(kl.abs() < 1e-6)
+    (dyn.sum() + rep.sum()).backward()
+    assert logits.grad.abs().max() == 0
+    sharp = (torch.randn(3, 2, 4) * 10).log_softmax(-1)
+    other = (torch.randn(3, 2, 4) * 10).log_softmax(-1)
+    dyn, rep, kl = kl_losses(sharp, other, free_nats=1.0)
+    torch.testing.assert_close(dyn, kl.clamp(min=1.0))
+    assert (kl > 1.0).any()
+
+
+def test_twohot_symlog_round_trips():
+    bins = twohot_bins(255, 20.0)
+    values = torch.tensor([0.0, 0.3, -0.3, 1.0, -2.5, 7.0, 123.4, -1000.0, 5e4])
+    weights = twohot_encode(values, bins)
+    assert torch.allclose(weights.sum(-1), torch.ones(len(values)))
+    assert ((weights > 0).sum(-1) <= 2).all()
+    decoded = twohot_decode(weights.clamp(min=1e-30).log(), bins)
+    torch.testing.assert_close(decoded, values, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("sampler", ["gumbel", "categorical"])
+@pytest.mark.parametrize("sample", [True, False])
+def test_straight_through_samples_are_one_hot_and_pass_gradients(sampler, sample):
+    torch.manual_seed(0)
+    rssm = RSSM(RSSMConfig.from_preset("tiny", sampler=sampler), embed_dim=8)
+    logits = torch.randn(5, rssm.cfg.stoch * rssm.cfg.classes, requires_grad=True)
+    z = rssm.sample(rssm.log_probs(logits), sample=sample).view(5, rssm.cfg.stoch, rssm.cfg.classes)
+    torch.testing.assert_close(z.detach().sum(-1), torch.ones(5, rssm.cfg.stoch))
+    assert set(z.detach().round(decimals=5).unique().tolist()) <= {0.0, 1.0}
+    (z * torch.randn_like(z)).sum().backward()
+    assert logits.grad.abs().sum() > 0
+
+
+def test_lambda_returns_equal_the_weighted_n_step_sum():
+    torch.manual_seed(0)
+    B, H, gamma, lam = 3, 6, 0.9, 0.8
+    rewards, values, cont = torch.randn(B, H), torch.randn(B, H + 1), torch.rand(B, H)
+    fast = imagination.lambda_returns(rewards, values, cont, gamma=gamma, lam=lam)
+    reference = torch.zeros(B, H)
+    for b in range(B):
+        for t in range(H):
+            def n_step(n):  # r_t + g c_t r_{t+1} + ... + (prod of g c) v_{t+n}
+                total, discount = 0.0, 1.0
+                for k in range(n):
+                    total += discount * rewards[b, t + k]
+                    discount *= gamma * cont[b, t + k]
+                return total + discount * values[b, t + n]
+            last = H - t
+            reference[b, t] = sum((1 - lam) * lam ** (n - 1) * n_step(n) for n in range(1, last)) + lam ** (last - 1) * n_step(last)
+    torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_imagination_rolls_the_prior_and_decodes():
+    torch.manual_seed(0)
+    wm = WorldModel(RSSMConfig.from_preset("tiny")).eval()
+    frames, actions = torch.rand(2, 6, 3, 144, 160), torch.randint(0, 8, (2, 6))
+    out = imagination.open_loop(wm, frames, actions, context=2, horizon=4)
+    assert out["pred"].shape == (2, 4, 3, 144, 160) and out["recon"].shape == (2, 2, 3, 144, 160)
+    # the same thing by hand: the prior from the last context state with actions a_1..a_4
+    ctx = imagination.observe(wm, frames[:, :2], actions[:, :2])
+    again = imagination.imagine(wm, imagination.last_state(ctx), actions[:, 1:5])
+    torch.testing.assert_close(again["feat"], out["imagined"]["feat"])
+    actor = __import__("models").Actor(wm.cfg)
+    rollout = imagination.imagine_with_policy(wm, actor, imagination.last_state(ctx), horizon=3)
+    assert rollout["feat"].shape == (2, 4, wm.feat_dim) and rollout["reward"].shape == (2, 3)
+    rollout["log_probs"].sum().backward()
+    assert any(p.grad is not None for p in actor.parameters())
+
+
+# --- checkpoints --------------------------------------------------------------------------
+def test_checkpoint_round_trip_and_refusals(tmp_path):
+    cfg = RSSMConfig.from_preset("tiny")
+    wm = WorldModel(cfg)
+    path = checkpoint.save_checkpoint(tmp_path / "wm.pt", kind="rssm", config=cfg.to_dict(), model_state=wm.state_dict(),
+                                      extra={"rng": checkpoint.rng_state()})
+    rebuilt = checkpoint.build_model(checkpoint.load_checkpoint(path, kind="rssm"))
+    for key, value in wm.state_dict().items():
+        assert torch.equal(value, rebuilt.state_dict()[key])
+    with pytest.raises(UserError, match="'rssm' checkpoint, but a 'vae'"):
+        checkpoint.load_checkpoint(path, kind="vae")
+    pickled = tmp_path / "pickled.pt"
+    torch.save({"format": checkpoint.FORMAT, "kind": "rssm", "obj": __import__("argparse").Namespace(a=1)}, pickled)
+    with pytest.raises(UserError, match="pickled Python objects"):
+        checkpoint.load_checkpoint(pickled)
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(UserError, match="corrupt or truncated"):
+        checkpoint.load_checkpoint(corrupt)
+    with pytest.raises(UserError, match="does not exist"):
+        checkpoint.load_checkpoint(tmp_path / "missing.pt")
+    other = dict(checkpoint.load_checkpoint(path), config=RSSMConfig.from_preset("tiny", deter=48).to_dict())
+    with pytest.raises(UserError, match="another architecture.*rssm.cell"):
+        checkpoint.build_model(other)
+
+
+# --- the scripts on real emulator data ----------------------------------------------------
+@pytest.fixture(scope="module")
+def data_dir(collected_data):
+    return collected_data("144x160")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("rssm_tiny")
+    done = run_script("train_rssm.py", "--data-dir", data_dir, "--out-dir", out, *TINY_TRAIN, "--epochs", 2,
+                      "--steps-per-epoch", 12, "--save-interval", 1, "--checkpoint-every", 5, "--lr", 1e-3)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+def test_train_rssm_lowers_the_loss_and_writes_every_output(tiny_run):
+    for name in ("config.json", "metrics.json", "metrics.jsonl", "loss_curves.png", "reconstruction_epoch_001.png",
+                 "reconstruction_epoch_002.png", "best_world_model.pt", "world_model_epoch_001.pt",
+                 "world_model_epoch_002.pt", "checkpoint_latest.pt"):
+        assert (tiny_run / name).stat().st_size > 0, name
+    records = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss/total" in r]
+    assert steps[-1]["loss/total"] < steps[0]["loss/total"]
+    assert all(r["perf/frames_per_s"] > 0 for r in steps)
+    epochs = json.loads((tiny_run / "metrics.json").read_text())
+    assert [e["epoch"] for e in epochs] == [1, 2]
+    assert {"loss/train", "loss/val", "loss/val_recon", "loss/val_kl", "loss/val_reward", "eval/psnr"} <= epochs[-1].keys()
+    config = json.loads((tiny_run / "config.json").read_text())
+    assert config["model"]["preset"] == "tiny" and config["run"]["seq_len"] == 8
+    latest = checkpoint.load_checkpoint(tiny_run / "checkpoint_latest.pt", kind="rssm")
+    assert latest["step"] == 24 and latest["optimizer_state"] is not None and "rng" in latest["extra"]
+
+
+def test_train_rssm_stops_cleanly_on_a_non_finite_loss(data_dir, tmp_path):
+    done = run_script("train_rssm.py", "--data-dir", data_dir, "--out-dir", tmp_path, *TINY_TRAIN, "--epochs", 1,
+                      "--steps-per-epoch", 3, "--set", "recon_scale=NaN")
+    assert done.returncode == 2
+    assert "non-finite loss at step 1" in done.stderr and "total=nan" in done.stderr
+
+
+def test_ddp_two_processes_keep_identical_weights(data_dir, tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+               str(REPO / "scripts" / "train_rssm.py"), "--data-dir", str(data_dir), "--out-dir", str(tmp_path),
+               *TINY_TRAIN, "--epochs", 1, "--steps-per-epoch", 6]
+    done = subprocess.run([str(c) for c in command], cwd=REPO, capture_output=True, text=True, timeout=180,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    ddp = [r for r in records if "ddp/max_weight_diff" in r]
+    assert ddp and ddp[-1]["ddp/world_size"] == 2 and ddp[-1]["ddp/max_weight_diff"] == 0.0
+    assert checkpoint.load_checkpoint(tmp_path / "checkpoint_latest.pt")["step"] == 6
+
+
+def test_kill_and_resume_equals_an_uninterrupted_run(data_dir, tmp_path):
+    args = ["--data-dir", data_dir, *TINY_TRAIN, "--epochs", 2, "--steps-per-epoch", 8, "--checkpoint-every", 2]
+    script = [sys.executable, str(REPO / "scripts" / "train_rssm.py"), *map(str, args), "--out-dir"]
+    straight = subprocess.Popen([*script, str(tmp_path / "straight")], cwd=REPO, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)  # runs alongside the one we kill
+    killed_dir = tmp_path / "killed"
+    process = subprocess.Popen([*script, str(killed_dir)], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest, deadline = killed_dir / "checkpoint_latest.pt", time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        if latest.exists() and checkpoint.load_checkpoint(latest)["step"] >= 4:
+            process.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    killed_at = checkpoint.load_checkpoint(latest)["step"]
+    assert killed_at < 16
+    resumed = run_script("train_rssm.py", *args, "--out-dir", killed_dir, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert straight.wait(timeout=120) == 0, straight.stderr.read()[-3000:]
+
+    a = checkpoint.load_checkpoint(tmp_path / "straight" / "checkpoint_latest.pt")
+    b = checkpoint.load_checkpoint(latest)
+    assert a["step"] == b["step"] == 16
+    for key, value in a["model_state"].items():
+        torch.testing.assert_close(b["model_state"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+    steps = [json.loads(line)["step"] for line in (killed_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps), "records written after the checkpoint were kept on resume"
+
+
+def test_evaluate_rssm_writes_k_finite_rows_for_two_checkpoints(tiny_run, data_dir, tmp_path):
+    done = run_script("evaluate_rssm.py", "--checkpoints", tiny_run / "best_world_model.pt",
+                      tiny_run / "world_model_epoch_001.pt", "--labels", "best", "epoch1", "--data-dir", data_dir,
+                      "--horizon", 6, "--max-sequences", 4, "--probe-windows", 4, "--probe-steps", 20,
+                      "--out-dir", tmp_path, "--threads", 1)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert list(results) == ["best", "epoch1"]
+    for res in results.values():
+        assert [s["k"] for s in res["steps"]] == [1, 2, 3, 4, 5, 6]
+        values = [v for s in res["steps"] for v in (s["tile_error"], s["map_acc"], s["psnr"])]
+        assert all(np.isfinite(values)) and np.isfinite(res["recon_psnr"])
+    assert "| 6 |" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "drift.png").stat().st_size > 0
+
+
+def test_demo_video_is_playable_with_the_expected_frame_count(tiny_run, cartridge_rom, start_state_file, tmp_path):
+    import imageio.v3 as iio
+
+    video, gif = tmp_path / "demo.mp4", tmp_path / "demo.gif"
+    done = run_script("generate_demo_video_v2.py", "--rom", cartridge_rom, "--checkpoint", tiny_run / "best_world_model.pt",
+                      "--save-state", start_state_file, "--out-video", video, "--gif", gif, "--max-steps", 5,
+                      "--context", 2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    frames = iio.imread(video)
+    assert frames.shape == (6, 32 + 288, 3 * 320, 3)
+    assert len(iio.imread(gif)) == 6
+    assert not list(tmp_path.glob(".*")), "a temporary file was left behind"
