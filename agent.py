@@ -382,25 +382,33 @@ def load_world_model(path, device="cpu") -> WorldModel:
 EVAL_SEED_FRAMES = 1000  # evaluation start states wait 1000 + 7 i title frames: never a training state
 
 
+_EVAL_STATES: dict = {}  # (rom path, count, offset) -> list of save-state bytes, made once per process
+
+
 def eval_start_states(rom, count: int, offset: int = EVAL_SEED_FRAMES) -> list:
     """Start states not used in training: collection makes its own with title waits 17 i (i < 4 by
     default); these wait `offset` + 7 i frames. For Red/Blue (one scripted intro) they are the intro's."""
     from env import make_start_states, open_emulator
     from save_states import cartridge_start, load_state_bytes, save_state_bytes
 
+    key = (str(Path(rom).resolve()), count, offset)
+    if key in _EVAL_STATES:
+        return _EVAL_STATES[key]
     pyboy, info = open_emulator(rom)
     try:
         if info.game != "cartridge":
-            return make_start_states(pyboy, info.game, count)
-        power_on = save_state_bytes(pyboy)
-        states = []
-        for i in range(count):
-            load_state_bytes(pyboy, power_on)
-            cartridge_start(pyboy, seed_frames=offset + 7 * i)
-            states.append(save_state_bytes(pyboy))
-        return states
+            states = make_start_states(pyboy, info.game, count)
+        else:
+            power_on = save_state_bytes(pyboy)
+            states = []
+            for i in range(count):
+                load_state_bytes(pyboy, power_on)
+                cartridge_start(pyboy, seed_frames=offset + 7 * i)
+                states.append(save_state_bytes(pyboy))
     finally:
         pyboy.stop(save=False)
+    _EVAL_STATES[key] = states
+    return states
 
 
 def run_episode(env, policy: str, *, agent: PolicyAgent | None = None, state_index: int, steps: int, rng,

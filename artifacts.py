@@ -15,6 +15,7 @@ def _replace_into(path: Path, write, suffix: str = "") -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix or path.suffix)
     os.close(fd)
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are ordinary files
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -50,7 +51,7 @@ def write_video(frames, path, fps: float = 5.0) -> None:
     path = Path(path)
     frames = [np.ascontiguousarray(f) for f in frames]
     if path.suffix.lower() == ".gif":
-        _replace_into(path, lambda tmp: imageio.mimsave(tmp, frames, duration=1.0 / fps, loop=0))
+        _replace_into(path, lambda tmp: imageio.mimsave(tmp, frames, duration=1000.0 / fps, loop=0))
         return
     # even sizes for yuv420p; macro_block_size=1 keeps our size (we pad ourselves)
     h, w = frames[0].shape[:2]

@@ -440,6 +440,7 @@ def run(args) -> dict:
         results[name] = isolated(function, **kwargs)
         r = results[name]
         print(f"  {r['value']:.4g} {r['unit']}  (peak RSS {r['peak_rss_mb']:.0f} MB, {r['seconds']:.1f} s)", flush=True)
+        artifacts.write_json(args.out, {"partial": True, "results": results})  # a long run keeps what it measured
 
     with tempfile.TemporaryDirectory(prefix="benchmark_") as tmp:
         tmp = Path(tmp)
@@ -550,6 +551,7 @@ def main(argv=None):
 
     report = run(args)
 
+    report["partial"] = False
     report["config"] = {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                         "torch": torch.__version__, **environment(), "total_seconds": time.time() - began}
     print_table(report)

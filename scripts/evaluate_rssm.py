@@ -64,19 +64,16 @@ def evenly(starts: np.ndarray, count: int) -> np.ndarray:
     return starts[np.linspace(0, len(starts) - 1, count).round().astype(np.int64)]
 
 
-def posterior_features(wm, ds, starts, batch_size, device) -> tuple[torch.Tensor, dict, list]:
-    """Posterior features (N, T, F) of windows, their RAM targets, and per-window reconstruction PSNRs."""
-    feats, targets, psnrs = [], {"xs": [], "ys": [], "map_ids": []}, []
+def posterior_features(wm, ds, starts, batch_size, device) -> tuple[torch.Tensor, dict]:
+    """Posterior features (N, T, F) of windows and their RAM targets (x, y, map id)."""
+    feats, targets = [], {"xs": [], "ys": [], "map_ids": []}
     for i in range(0, len(starts), batch_size):
         batch = ds.get_batch(starts[i:i + batch_size])
         frames = frames_to_float(batch["obs"], device)
-        ctx = imagination.observe(wm, frames, batch["actions"].to(device))
-        recon = imagination.decode(wm, ctx["feat"])
-        psnrs.append(psnr((recon - frames).pow(2).mean((-3, -2, -1))).cpu())  # (B, T)
-        feats.append(ctx["feat"].cpu())
+        feats.append(imagination.observe(wm, frames, batch["actions"].to(device))["feat"].cpu())
         for key in targets:
             targets[key].append(batch[key])
-    return torch.cat(feats), {k: torch.cat(v) for k, v in targets.items()}, psnrs
+    return torch.cat(feats), {k: torch.cat(v) for k, v in targets.items()}
 
 
 def train_probe(feats: torch.Tensor, targets: dict, steps: int, seed: int) -> StateProbe:
@@ -111,7 +108,7 @@ def evaluate_checkpoint(path: Path, ds, train_starts, val_starts, args, device) 
     if tuple(wm.cfg.image_size) != tuple(ds.resolution):
         raise UserError(f"{path} expects {wm.cfg.image_size[0]}x{wm.cfg.image_size[1]} frames but {args.data_dir} "
                         f"holds {ds.resolution[0]}x{ds.resolution[1]}")
-    feats, targets, _ = posterior_features(wm, ds, evenly(train_starts, args.probe_windows), args.batch_size, device)
+    feats, targets = posterior_features(wm, ds, evenly(train_starts, args.probe_windows), args.batch_size, device)
     probe = train_probe(feats, targets, args.probe_steps, args.seed)
     if args.save_probe and path == Path(args.checkpoints[0]):
         checkpoint.save_checkpoint(args.save_probe, kind="rssm_probe", config=dataclasses.asdict(probe.cfg),

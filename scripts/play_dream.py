@@ -10,14 +10,17 @@ Keys (window)              script name (--keys)   what it does
   Z / X                    z (or a) / x (or b)    A / B
   Enter                    enter (or start)       START
   (no key, --idle-fps > 0) pass                   the "pass" action (nothing pressed)
-  Tab                      tab                    switch dream <-> real; back in the dream, its belief is
-                                                  re-synced: observe() over the last --context real frames
+  Tab                      tab                    switch dream <-> real; the belief is re-synced from the
+                                                  true game: observe() over the last --context real frames
   R                        r                      reset real and dream to the save state
   F12                      f12                    start / stop recording the window to --record
   Esc                      esc                    quit
 
 Headless: SDL_VIDEODRIVER=dummy with --keys "right,right,up,tab,left,f12,..." (or a file of such names,
-commas, spaces or newlines, # comments) plays the script as fast as it can, then quits.
+commas, spaces or newlines, # comments) plays the script as fast as it can, then quits, e.g. the README's GIF:
+
+    SDL_VIDEODRIVER=dummy python scripts/play_dream.py --checkpoint CKPT --probe PROBE --record-fps 3 \
+        --keys f12,up,up,up,left,left,down,tab,right,right,up,tab,down,down,down,f12 --record /tmp/play_dream.gif
 --out-frames DIR writes DIR/frames.npz: frames (N, 144, 160, 3) uint8 = the game frame shown (the dream
 decoded as is, nearest-upscaled to 144x160 if the model is smaller; or the emulator's screen), windows
 (N, h, w, 3) = the whole window (scaled frame + HUD), modes (N,) "dream"/"real", steps (N,), keys (N,)
@@ -159,9 +162,10 @@ class DreamSession:
             self.resync()  # the belief follows the real game, so the probe reads it there too
 
     def toggle(self) -> None:
+        """Dream <-> real. Either way the belief is re-synced from the real frames: back in the dream it
+        imagines on from the true game; in real mode the probe reads the posterior."""
         self.mode = "real" if self.mode == "dream" else "dream"
-        if self.mode == "dream":
-            self.resync()
+        self.resync()
 
     # --- what is shown -----------------------------------------------------------------------------
     def frame(self) -> np.ndarray:

@@ -33,7 +33,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=128, help="sequences per batch")
     p.add_argument("--seq-len", type=int, default=30, help="steps per training sequence")
     p.add_argument("--window-stride", type=int, default=1,
-                   help="train on every N-th window per epoch (shifted each epoch; windows overlap by seq-len - 1 steps, so N > 1 mostly drops repeats)")
+                   help="train on every N-th window per epoch (shifted each epoch) and validate on every N-th held-out window; "
+                        "windows overlap by seq-len - 1 steps, so N > 1 mostly drops repeats")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     p.add_argument("--hidden", type=int, default=256, help="GRU hidden size")
     p.add_argument("--reward-scale", type=float, default=1.0, help="weight of the reward MSE next to the latent MSE")
@@ -91,7 +92,8 @@ def main(argv=None):
         return batch["actions"].to(args.device), batch["rewards"].to(args.device)  # (N, T) each
 
     train_actions, train_rewards = window_fields(data.train_starts)
-    val_actions, val_rewards = window_fields(data.val_starts)
+    val_starts = data.val_starts[::args.window_stride]
+    val_actions, val_rewards = window_fields(val_starts)
 
     config = DynamicsConfig(latent_dim=vae.config.latent_dim, hidden=args.hidden, reward_scale=args.reward_scale)
     model = LatentDynamics(config).to(args.device)
@@ -107,9 +109,9 @@ def main(argv=None):
         start_epoch, best_val, history = ckpt["step"], ckpt["extra"]["best_val"], ckpt["extra"]["history"]
     log = RunLog(out_dir, history)
     write_json(out_dir / "config.json", {"args": vars(args), "model": asdict(config),
-                                         "train_windows": len(data.train_starts), "val_windows": len(data.val_starts)})
+                                         "train_windows": len(data.train_starts), "val_windows": len(val_starts)})
     print(f"dynamics {sum(p.numel() for p in model.parameters()):,} parameters; {len(data.train_starts)} training / "
-          f"{len(data.val_starts)} validation windows of {args.seq_len}; device {args.device}")
+          f"{len(val_starts)} validation windows of {args.seq_len}; device {args.device}")
 
     for epoch in range(start_epoch, args.epochs):
         ratio = teacher_forcing_ratio(epoch, args.min_teacher_forcing, args.decay_epochs, not args.no_scheduled_sampling)
@@ -134,8 +136,8 @@ def main(argv=None):
                 bar.update(len(idx))
                 bar.set_postfix(latent=f"{parts['latent']:.4f}")
         elapsed = time.time() - start
-        val_ar = evaluate(model, table, data.val_starts, args.seq_len, val_actions, val_rewards, 0.0)
-        val_tf = evaluate(model, table, data.val_starts, args.seq_len, val_actions, val_rewards, 1.0)
+        val_ar = evaluate(model, table, val_starts, args.seq_len, val_actions, val_rewards, 0.0)
+        val_tf = evaluate(model, table, val_starts, args.seq_len, val_actions, val_rewards, 1.0)
         log.record({
             "epoch": epoch + 1, "teacher_forcing": ratio,
             "loss/train_latent": sums["latent"] / len(order), "loss/train_reward": sums["reward"] / len(order),

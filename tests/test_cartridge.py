@@ -312,3 +312,19 @@ def test_different_start_states_differ(pb):
         assert npc_walks(other, ACTIONS) != npc_walks(pb, ACTIONS)   # NPCs wander differently
     finally:
         other.stop(save=False)
+
+
+def test_make_save_state_script(tmp_path):
+    from scripts import make_save_state
+
+    make_save_state.main(["--rom", str(ROM), "--out", str(tmp_path / "start.state"), "--count", "2"])
+    states = [(tmp_path / f"start_{i}.state").read_bytes() for i in range(2)]
+    assert states[0] != states[1]
+    assert not list(tmp_path.glob("*.tmp"))
+    emulator = PyBoy(str(ROM), window="null", sound_emulated=False)
+    try:
+        save_states.load_state_bytes(emulator, states[1])
+        act(emulator, "down")
+        assert where(emulator) == (0x00, 3, 6)
+    finally:
+        emulator.stop(save=False)

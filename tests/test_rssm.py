@@ -231,7 +231,7 @@ def test_train_rssm_stops_cleanly_on_a_non_finite_loss(data_dir, tmp_path):
 
 
 def test_ddp_two_processes_keep_identical_weights(data_dir, tmp_path):
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(REPO / "scripts" / "train_rssm.py"), "--data-dir", str(data_dir), "--out-dir", str(tmp_path),
                *TINY_TRAIN, "--epochs", 1, "--steps-per-epoch", 6]
     done = subprocess.run([str(c) for c in command], cwd=REPO, capture_output=True, text=True, timeout=180,
