@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import pickle
 import random
-import zipfile
 from pathlib import Path
 from typing import Callable
 
@@ -97,14 +96,22 @@ def load_checkpoint(path, kind: str | None = None, map_location="cpu") -> dict:
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        raise UserError(f"refusing to load {path}: it holds pickled Python objects, not only weights "
-                        f"({str(err).splitlines()[0][:160]}); use a checkpoint written by this project") from err
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
-        raise UserError(f"checkpoint {path} is corrupt or truncated ({str(err).splitlines()[0][:160]}); "
+        if "weights_only" in str(err) or "Weights only" in str(err) or "Unsupported global" in str(err):
+            raise UserError(f"refusing to load {path}: it holds pickled Python objects, not only weights "
+                            f"({_first_line(err)}); use a checkpoint written by this project") from err
+        raise UserError(f"checkpoint {path} is corrupt or truncated ({_first_line(err)}); "
+                        f"retrain or use another file") from err
+    except Exception as err:  # torch raises many types for damaged files (RuntimeError, EOFError, KeyError, ...)
+        raise UserError(f"checkpoint {path} is corrupt or truncated ({_first_line(err)}); "
                         f"retrain or use another file") from err
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise UserError(f"{path} is not a PokéDreamer checkpoint (no format {FORMAT!r}); "
                         f"use a file written by this project's train_* scripts")
+    wanted = {"kind": str, "config": dict, "model_state": dict, "step": int, "extra": dict}
+    damaged = [key for key, kind_ in wanted.items() if not isinstance(ckpt.get(key), kind_)]
+    if damaged or not all(isinstance(v, torch.Tensor) for v in ckpt["model_state"].values()):
+        raise UserError(f"checkpoint {path} is damaged (bad or missing {', '.join(damaged) or 'model_state'}); "
+                        f"retrain or use another file")
     if kind is not None and ckpt["kind"] != kind:
         raise UserError(f"{path} is a {ckpt['kind']!r} checkpoint, but a {kind!r} checkpoint is needed here")
     return ckpt
@@ -118,12 +125,17 @@ def build_model(ckpt: dict, *, load_state: bool = True, device="cpu") -> torch.n
         raise UserError(f"no model builder for checkpoint kind {kind!r}; known kinds: {', '.join(sorted(_BUILDERS))}")
     try:
         model = _BUILDERS[kind](ckpt["config"])
-    except (TypeError, ValueError) as err:
-        raise UserError(f"the {kind!r} checkpoint's config does not fit this code: {err}") from err
+    except (TypeError, ValueError, KeyError, AttributeError) as err:
+        raise UserError(f"the {kind!r} checkpoint's config does not fit this code: {_first_line(err)}") from err
     if load_state:
         check_state_matches(model, ckpt["model_state"], what=f"the {kind!r} checkpoint")
         model.load_state_dict(ckpt["model_state"])
     return model.to(device).eval()
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return (text.splitlines()[0][:160] if text else type(err).__name__)
 
 
 def check_state_matches(model: torch.nn.Module, state: dict, what: str = "the checkpoint") -> None:

@@ -542,16 +542,16 @@ class RSSM(nn.Module):
 
     def sample(self, logp, sample: bool):
         """(..., stoch, classes) log-probs -> (..., S) one-hot latent with straight-through gradients."""
-        probs = logp.exp()
         if sample and self.cfg.sampler == "gumbel":
-            onehot = F.gumbel_softmax(logp, tau=self.cfg.gumbel_tau, hard=True)
+            return F.gumbel_softmax(logp, tau=self.cfg.gumbel_tau, hard=True).flatten(-2)
+        if sample:  # Gumbel-max: an exact sample of the categorical
+            noise = -torch.log(-torch.log(torch.rand_like(logp).clamp_(1e-20, 1.0)))
+            index = (logp + noise).argmax(-1)
         else:
-            if sample:  # Gumbel-max: an exact sample of the categorical
-                noise = -torch.log(-torch.log(torch.rand_like(logp).clamp_(1e-20, 1.0)))
-                index = (logp + noise).argmax(-1)
-            else:
-                index = logp.argmax(-1)
-            onehot = F.one_hot(index, self.cfg.classes).to(probs.dtype)
+            index = logp.argmax(-1)
+        onehot = F.one_hot(index, self.cfg.classes).to(logp.dtype)
+        if torch.is_grad_enabled() and logp.requires_grad:  # straight-through: forward one-hot, backward probs
+            probs = logp.exp()
             onehot = onehot + probs - probs.detach()
         return onehot.flatten(-2)
 

@@ -194,14 +194,17 @@ class GreedyPolicy:
         self.rng = np.random.default_rng(seed)
 
     def reset(self, goal: Goal) -> None:
-        self.goal, self.blocked, self.last = goal, set(), None
+        self.goal, self.blocked, self.last, self.fails = goal, set(), None, {}
 
     def act(self, obs: np.ndarray, state) -> int:
         position = (state.map_id, state.x, state.y)
         if self.last is not None and self.last[0] == position:
-            self.blocked.add(self.last[1])  # the last move did not move us
+            # the last press did not move us; the first press in a new direction only turns the player
+            self.fails[self.last[1]] = self.fails.get(self.last[1], 0) + 1
+            if self.fails[self.last[1]] >= 2:
+                self.blocked.add(self.last[1])
         elif self.last is not None:
-            self.blocked = set()
+            self.blocked, self.fails = set(), {}
         action = greedy_action(state.x, state.y, self.goal, self.blocked, self.rng)
         self.last = (position, action)
         return action

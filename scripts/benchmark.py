@@ -50,7 +50,7 @@ REPO = Path(__file__).resolve().parents[1]
 # sizes: the full run, and --quick (tiny sizes so that the whole run takes < 2 minutes)
 FULL = dict(emu_steps=2000, episode_length=1000, save_interval=1000, resolution="144x160", batch_size=8, seq_len=15,
             train_steps={"faithful": 2, "default": 4}, imagine_batch=1024, horizon=15, repeats=3, decode_frames=32)
-QUICK = dict(emu_steps=120, episode_length=60, save_interval=60, resolution="48x64", batch_size=2, seq_len=4,
+QUICK = dict(emu_steps=80, episode_length=40, save_interval=40, resolution="32x32", batch_size=2, seq_len=4,
              train_steps={"faithful": 1, "default": 1}, imagine_batch=64, horizon=4, repeats=1, decode_frames=4)
 
 
@@ -80,8 +80,9 @@ def parse_args(argv=None):
     for key in ("emu_steps", "episode_length", "imagine_batch", "horizon"):
         if sizes[key] < 1:
             raise UserError(f"--{key.replace('_', '-')} {sizes[key]} must be at least 1")
-    if args.workers < 1 or args.threads < 1:
-        raise UserError(f"--workers {args.workers} and --threads {args.threads} must be at least 1")
+    for key in ("workers", "threads"):
+        if getattr(args, key) < 1:
+            raise UserError(f"--{key} {getattr(args, key)} must be at least 1")
     if min(sizes["train_steps"].values()) < 1:
         raise UserError(f"--train-steps {args.train_steps} must be at least 1")
     sizes["save_interval"] = min(sizes["save_interval"], sizes["emu_steps"])
@@ -300,9 +301,11 @@ def original_forward(torch, wm, frames, actions, rewards, continues):
     return sum(wm.loss_weights[k] * v for k, v in losses.items())
 
 
-def measure_training(data_dir, preset, batch_size, seq_len, steps, threads, way="ours", channels_last=None,
+def measure_training(data_dir, preset, batch_size, seq_len, steps, threads, ways=("ours",), channels_last=None,
                      compile_model=False) -> dict:
-    """Median seconds of one whole training step (data included) after one warm-up -> frames/s."""
+    """Median seconds of one whole training step (data included) after one warm-up -> frames/s.
+    With ways=("ours", "original") the two loops alternate step by step on one model, so that a change
+    in the machine's load hits both alike; the result then carries the original's figure too."""
     from dataset import frames_to_float
 
     torch = _torch(threads)
@@ -313,30 +316,42 @@ def measure_training(data_dir, preset, batch_size, seq_len, steps, threads, way=
     optimizer = torch.optim.Adam(wm.parameters(), lr=1e-4)
     rng = np.random.default_rng(0)
     baseline = _rss_mb()
-    timings = []
+    timings = {way: [] for way in ways}
     for i in range(steps + 1):
-        starts = rng.choice(ds.window_starts, batch_size, replace=len(ds) < batch_size)
-        began = time.perf_counter()
-        if way == "original":
-            frames, actions, rewards, continues = original_batch(torch, ds, starts)
-            total = original_forward(torch, wm, frames, actions, rewards, continues)
-            optimizer.zero_grad()
-        else:
-            batch = ds.get_batch(starts)
-            total, _, _, _ = model(frames_to_float(batch["obs"], "cpu"), batch["actions"], batch["rewards"],
-                                   batch["continues"])
-            optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        torch.nn.utils.clip_grad_norm_(wm.parameters(), wm.cfg.grad_clip)
-        optimizer.step()
-        if i:
-            timings.append(time.perf_counter() - began)
-    frames_per_step = batch_size * seq_len
-    return {"value": frames_per_step / float(np.median(timings)), "unit": "frames/s", "baseline_rss_mb": baseline,
-            "config": {"preset": preset, "way": way, "batch_size": batch_size, "seq_len": seq_len,
-                       "resolution": "x".join(map(str, ds.resolution)), "timed_steps": steps, "threads": threads,
-                       "channels_last": wm.cfg.channels_last, "torch_compile": compile_model,
-                       "parameters": sum(p.numel() for p in wm.parameters()), "data": "real collected frames"}}
+        for way in ways:
+            starts = rng.choice(ds.window_starts, batch_size, replace=len(ds) < batch_size)
+            began = time.perf_counter()
+            if way == "original":
+                frames, actions, rewards, continues = original_batch(torch, ds, starts)
+                total = original_forward(torch, wm, frames, actions, rewards, continues)
+                optimizer.zero_grad()
+            else:
+                batch = ds.get_batch(starts)
+                total, _, _, _ = model(frames_to_float(batch["obs"], "cpu"), batch["actions"], batch["rewards"],
+                                       batch["continues"])
+                optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            torch.nn.utils.clip_grad_norm_(wm.parameters(), wm.cfg.grad_clip)
+            optimizer.step()
+            if i:
+                timings[way].append(time.perf_counter() - began)
+    rate = {way: batch_size * seq_len / float(np.median(t)) for way, t in timings.items()}
+    result = {"value": rate[ways[0]], "unit": "frames/s", "baseline_rss_mb": baseline,
+              "config": {"preset": preset, "way": ways[0], "batch_size": batch_size, "seq_len": seq_len,
+                         "resolution": "x".join(map(str, ds.resolution)), "timed_steps": steps, "threads": threads,
+                         "channels_last": wm.cfg.channels_last, "torch_compile": compile_model,
+                         "parameters": sum(p.numel() for p in wm.parameters()), "data": "real collected frames",
+                         "interleaved_with": list(ways[1:])}}
+    for way in ways[1:]:
+        result[way] = rate[way]
+    return result
+
+
+def paired(result: dict, way: str, note: str) -> dict:
+    """The second loop of an interleaved measurement as a result of its own."""
+    config = dict(result["config"], way=note, interleaved_with=[result["config"]["way"]])
+    return {"value": result.pop(way), "unit": result["unit"], "peak_rss_mb": result["peak_rss_mb"],
+            "baseline_rss_mb": result["baseline_rss_mb"], "seconds": result["seconds"], "config": config}
 
 
 # --- imagination and decoding ---------------------------------------------------------------
@@ -362,37 +377,42 @@ def original_prior_step(torch):
     return OriginalPriorStep()
 
 
-def measure_imagination(preset, batch, horizon, repeats, threads, image_size) -> dict:
-    """Best of `repeats` rollouts of `horizon` prior steps for `batch` starts -> latent steps/s."""
+def measure_imagination(preset, batch, horizon, repeats, threads, image_size, with_original=False) -> dict:
+    """Best of `repeats` rollouts of `horizon` prior steps for `batch` starts -> latent steps/s.
+    with_original: the original's step (`original_prior_step`) is timed in turns with ours."""
     import imagination
 
     torch = _torch(threads)
     actions = torch.randint(0, len(ACTIONS), (batch, horizon))
-    if preset == "original":
+    wm = _world_model(torch, preset, image_size).eval()  # the image size changes only the encoder/decoder
+    state = wm.rssm.initial(batch)
+    rollouts = {"ours": lambda: imagination.imagine(wm, state, actions)}
+    if with_original:
         step = original_prior_step(torch)
-        h, z = torch.zeros(batch, 512), torch.zeros(batch, 1024)
+        start = (torch.zeros(batch, 512), torch.zeros(batch, 1024))
 
-        def rollout():
-            state = (h, z)
+        def original():
+            h, z = start
             for t in range(horizon):
-                state = step(*state, actions[:, t])
-    else:
-        wm = _world_model(torch, preset, image_size).eval()  # the image size changes only the encoder/decoder
-        state = wm.rssm.initial(batch)
+                h, z = step(h, z, actions[:, t])
 
-        def rollout():
-            imagination.imagine(wm, state, actions)
-    rollout()  # warm-up
+        rollouts["original"] = original
+    for rollout in rollouts.values():
+        rollout()  # warm-up
     baseline = _rss_mb()
-    best = math.inf
+    best = {name: math.inf for name in rollouts}
     for _ in range(repeats):
-        began = time.perf_counter()
-        rollout()
-        best = min(best, time.perf_counter() - began)
-    way = "plain GRUCell + MLP modules, autograd on" if preset == "original" else "imagination.imagine (inference mode)"
-    return {"value": batch * horizon / best, "unit": "latent steps/s", "baseline_rss_mb": baseline,
-            "config": {"preset": preset if preset != "original" else "original (faithful sizes)", "batch": batch,
-                       "horizon": horizon, "repeats": repeats, "threads": threads, "decoding": False, "way": way}}
+        for name, rollout in rollouts.items():
+            began = time.perf_counter()
+            rollout()
+            best[name] = min(best[name], time.perf_counter() - began)
+    result = {"value": batch * horizon / best["ours"], "unit": "latent steps/s", "baseline_rss_mb": baseline,
+              "config": {"preset": preset, "batch": batch, "horizon": horizon, "repeats": repeats, "threads": threads,
+                         "decoding": False, "way": "imagination.imagine (inference mode)",
+                         "interleaved_with": ["original"] if with_original else []}}
+    if with_original:
+        result["original"] = batch * horizon / best["original"]
+    return result
 
 
 def measure_decoding(preset, frames, threads, image_size) -> dict:
@@ -458,15 +478,22 @@ def run(args) -> dict:
                out_dir=tmp / "workers", **emu)
         train = dict(data_dir=data_dir, batch_size=s["batch_size"], seq_len=s["seq_len"], threads=threads)
         for preset in args.presets:
-            record(f"train_{preset}", measure_training, preset=preset, steps=s["train_steps"].get(preset, 2), **train)
-        if "faithful" in args.presets:
-            record("train_faithful_original", measure_training, preset="faithful", way="original",
-                   steps=s["train_steps"]["faithful"], **train)
+            faithful = preset == "faithful"
+            record(f"train_{preset}", measure_training, preset=preset, steps=s["train_steps"].get(preset, 2),
+                   ways=("ours", "original") if faithful else ("ours",), **train)
+            if faithful:
+                results["train_faithful_original"] = paired(
+                    results["train_faithful"], "original",
+                    "original: per-window float conversion, per-step networks in the time loop, zero_grad()")
         image_size = parse_resolution(s["resolution"])
         imag = dict(batch=s["imagine_batch"], horizon=s["horizon"], repeats=s["repeats"], threads=threads,
                     image_size=image_size)
-        for preset in [*args.presets, "original"]:
-            record(f"imagine_{preset}", measure_imagination, preset=preset, **imag)
+        for index, preset in enumerate(args.presets):
+            record(f"imagine_{preset}", measure_imagination, preset=preset, with_original=index == 0, **imag)
+            if index == 0:
+                results["imagine_original"] = paired(
+                    results[f"imagine_{preset}"], "original",
+                    "original: plain GRUCell + ELU MLP at the faithful sizes, autograd on")
         for preset in args.presets:
             record(f"decode_{preset}", measure_decoding, preset=preset, frames=s["decode_frames"], threads=threads,
                    image_size=image_size)
@@ -476,9 +503,10 @@ def run(args) -> dict:
                 flipped = not _default_channels_last(preset)
                 record(f"train_{preset}_channels_last_{'on' if flipped else 'off'}", measure_training, preset=preset,
                        steps=steps, channels_last=flipped, **train)
-                other = 2 if threads == 1 else 1
-                record(f"train_{preset}_{other}_threads", measure_training, preset=preset, steps=steps,
-                       **dict(train, threads=other))
+                if preset != "faithful":  # a faithful step takes minutes on this machine: one variant only
+                    other = 2 if threads == 1 else 1
+                    record(f"train_{preset}_{other}_threads", measure_training, preset=preset, steps=steps,
+                           **dict(train, threads=other))
             if "default" in args.presets:
                 try:
                     record("train_default_compiled", measure_training, preset="default",
@@ -510,7 +538,7 @@ def run(args) -> dict:
         "value": ratios["imagined_per_emulator_step"]["value"] / threads,
         "note": f"imagination uses {threads} torch threads, the emulator 1 core"}
     for name, r in results.items():
-        if name.startswith("train_") and name not in ("train_faithful_original",) and name.count("_") > 1:
+        if name.startswith("train_") and name != "train_faithful_original" and name.count("_") > 1:
             base = f"train_{r['config']['preset']}"
             if base != name and base in results:
                 ratios[f"{name}_vs_plain"] = ratio(r, results[base], None, "> 1: this variant helps")

@@ -136,7 +136,7 @@ def save_reconstructions(wm: WorldModel, ds: PokemonDataset, starts: np.ndarray,
     batch = ds.get_batch(starts[:4])
     frames = frames_to_float(batch["obs"], device)
     ctx = imagination.observe(wm, frames, batch["actions"].to(device))
-    recon = imagination.decode(wm, ctx["feat"])
+    recon, frames = imagination.decode(wm, ctx["feat"]).cpu(), frames.cpu()
     wm.train()
     times = sorted({0, frames.shape[1] // 2, frames.shape[1] - 1})
     rows = []
@@ -174,7 +174,17 @@ def main(argv=None):
     out_dir = Path(args.out_dir)
     latest_path = out_dir / "checkpoint_latest.pt"
 
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create the run folder {out_dir} ({err.strerror}); choose another --out-dir") from None
     ds = PokemonDataset(args.data_dir, seq_len=args.seq_len, max_files=args.max_files)
+    for key in ("rewards",):
+        bad = np.flatnonzero(~np.isfinite(ds.arrays[key]))
+        if len(bad):
+            chunk = ds.files[int(np.searchsorted(ds.file_offsets, bad[0], side="right")) - 1]
+            raise UserError(f"chunk {chunk} holds non-finite {key} ({len(bad)} rows in {args.data_dir}); "
+                            f"delete or recollect it")
     train_starts, val_starts = ds.split(args.val_split, seed=args.seed)
     global_batch = args.batch_size * world
     batches_per_epoch = len(train_starts) // global_batch
