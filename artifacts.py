@@ -37,6 +37,13 @@ def write_text(path, text: str) -> None:
     _replace_into(Path(path), lambda tmp: Path(tmp).write_text(text))
 
 
+def write_image(path, rgb: np.ndarray) -> None:
+    """An (H, W, 3) uint8 RGB image -> PNG."""
+    import cv2
+
+    _replace_into(Path(path), lambda tmp: cv2.imwrite(tmp, np.ascontiguousarray(rgb[:, :, ::-1])))
+
+
 def save_figure(fig, path) -> None:
     import matplotlib.pyplot as plt
 

@@ -11,18 +11,22 @@ Measured, each in its own forked process (so its peak RSS is its own and one can
   collect_N_workers    the same with --workers N and N times the steps (the same work per worker)
   train_<preset>       world-model training frames/s: PokemonDataset.get_batch on the frames just collected
                        -> frames_to_float -> forward, backward, grad clip, Adam
-  train_faithful_original   the ORIGINAL's training loop at the faithful sizes (`original_train_step`)
+  train_faithful_original   the ORIGINAL's training loop (`original_batch`, `original_forward`) on the same
+                       faithful model, its steps INTERLEAVED with train_faithful's in one process
   imagine_<preset>     latent steps/s of the prior alone (imagination.imagine, no decoding)
-  imagine_original     a plain GRUCell + MLP step at the faithful sizes (`OriginalPriorStep`)
-  decode_<preset>      decoded frames/s (imagination.decode)
-  --hot-paths adds: channels_last on/off, torch.compile, and 1 vs --threads torch threads.
+  imagine_original     a plain GRUCell + MLP step at the faithful sizes (`original_prior_step`), interleaved
+                       with the first preset's rollouts
+  decode_<preset>      decoded frames/s (imagination.decode); its config holds parameter counts and the
+                       checkpoint size (what scripts/benchmark_rssm.py reported)
+  --hot-paths adds: channels_last flipped, torch.compile (default preset), the other thread count (1 <-> 2)
+                       for the default preset; these are NOT interleaved: differences under ~20% are noise
+                       on a shared machine.
 Ratios come from figures of the SAME run; absolute speeds depend on what else the machine runs.
 Peak RSS = ru_maxrss of the measuring process (includes the interpreter and its imports; the RSS just
 before the timed work is given as baseline_rss_mb); for the collector, the largest of its processes.
 Writes --out (JSON, atomic) and prints a table.
 """
 import argparse
-import json
 import math
 import multiprocessing as mp
 import os
@@ -39,6 +43,7 @@ from pathlib import Path
 import numpy as np
 
 import artifacts
+import checkpoint
 from dataset import CHUNK_FIELDS, PokemonDataset, chunk_name
 from env import (ACTIONS, DEFAULT_ROM, PRESS_FRAMES, PokemonEnv, identify_rom, make_start_states, open_emulator,
                  parse_resolution)
@@ -426,9 +431,16 @@ def measure_decoding(preset, frames, threads, image_size) -> dict:
     began = time.perf_counter()
     imagination.decode(wm, feat)
     seconds = time.perf_counter() - began
+    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    with tempfile.TemporaryDirectory() as tmp:  # the size of the model on disk (what benchmark_rssm.py reported)
+        path = checkpoint.save_checkpoint(Path(tmp) / "wm.pt", kind="rssm", config=wm.cfg.to_dict(),
+                                          model_state=wm.state_dict())
+        file_mb = path.stat().st_size / 2**20
     return {"value": frames / seconds, "unit": "frames/s", "baseline_rss_mb": baseline,
             "config": {"preset": preset, "frames": frames, "resolution": "x".join(map(str, image_size)), "threads": threads,
-                       "way": "imagination.decode, 64 frames per decoder call"}}
+                       "way": "imagination.decode, 64 frames per decoder call", "parameters": count(wm),
+                       "encoder_parameters": count(wm.encoder), "decoder_parameters": count(wm.decoder),
+                       "rssm_parameters": count(wm.rssm), "checkpoint_mb": file_mb}}
 
 
 # --- the run ----------------------------------------------------------------------------------
@@ -555,7 +567,7 @@ def environment() -> dict:
     import pyboy
 
     return {"python": platform.python_version(), "pyboy": getattr(pyboy, "__version__", "?"),
-            "cpu_count": os.cpu_count(), "load_average_at_start": list(os.getloadavg()),
+            "cpu_count": os.cpu_count(), "load_average_at_end": list(os.getloadavg()),
             "machine": platform.machine(), "note": "ratios are within this run; absolute speeds depend on the load"}
 
 
@@ -574,14 +586,15 @@ def print_table(report: dict) -> None:
 def main(argv=None):
     args = parse_args(argv)
     identify_rom(args.rom)
-    began = time.time()
+    began, load = time.time(), list(os.getloadavg())
     import torch  # imported once here, used only in the forked measurements (no thread pool exists yet)
 
     report = run(args)
 
     report["partial"] = False
     report["config"] = {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-                        "torch": torch.__version__, **environment(), "total_seconds": time.time() - began}
+                        "torch": torch.__version__, **environment(), "load_average_at_start": load,
+                        "total_seconds": time.time() - began}
     print_table(report)
     artifacts.write_json(args.out, report)
     print(f"\nwrote {args.out} ({report['config']['total_seconds']:.0f} s)")
