@@ -215,7 +215,7 @@ class PokemonDataset:
                         rows = shape[0]
                     elif shape[0] != rows:
                         raise UserError(f"chunk {path}: '{key}' has {shape[0]} rows, 'obs' has {rows}")
-        except (OSError, ValueError, zipfile.BadZipFile, EOFError, KeyError) as err:
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError, KeyError, zlib.error) as err:
             raise UserError(f"chunk {path} is corrupt ({err}); delete it or recollect") from None
         if rows == 0:
             raise UserError(f"chunk {path} has no rows; delete it")

@@ -15,7 +15,8 @@ from pyboy import PyBoy
 
 from errors import UserError
 from game_state import GameState, read_state, screen_rgb
-from save_states import cartridge_start, load_state_bytes, pokered_intro, save_state_bytes
+import ram_addresses as ram
+from save_states import CARTRIDGE_GAME_MODE, cartridge_start, load_state_bytes, pokered_intro, save_state_bytes
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_ROM = REPO / "cartridge" / "pokedreamer.gb"
@@ -208,6 +209,17 @@ class PokemonEnv(gym.Env):
                 name = "given as bytes" if isinstance(source, (bytes, bytearray)) else str(source)
                 raise UserError(f"save state {name} does not load in PyBoy ({err}); "
                                 f"remake it with scripts/make_save_state.py for this ROM and PyBoy version") from None
+            if not self._plausible_state():
+                name = "given as bytes" if isinstance(source, (bytes, bytearray)) else str(source)
+                raise UserError(f"save state {name} loads but is not a {self.rom.game} game in progress "
+                                f"(made with another ROM?); remake it with scripts/make_save_state.py --rom {self.rom.path}")
+
+    def _plausible_state(self) -> bool:
+        """After loading a state: does RAM look like this game past its title screen?"""
+        mem = self.pyboy.memory
+        if self.rom.game == "cartridge":
+            return mem[CARTRIDGE_GAME_MODE] in (2, 3, 4) and mem[ram.CUR_MAP] in ram.CARTRIDGE_MAP_NAMES
+        return mem[ram.PARTY_COUNT] <= 6 and mem[ram.CUR_MAP] < 0xF8
 
     # --- observations -----------------------------------------------------------------
     def _observe(self) -> np.ndarray:

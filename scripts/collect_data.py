@@ -142,7 +142,10 @@ def open_folder(args, rom) -> dict:
     """Create or resume --out-dir: clean half-written files, check the settings match,
     and account for chunks renamed into place but not yet in the manifest."""
     out = args.out_dir
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"--out-dir {out} cannot be created ({err.strerror}); choose a writable folder") from None
     for stray in out.glob(TEMP_PREFIX + "*"):
         stray.unlink()
     settings = {"rom_sha1": rom.sha1, "game": rom.game, "ticks_per_action": args.ticks_per_action,
@@ -291,7 +294,10 @@ def main(argv=None):
     rom = identify_rom(args.rom)
     if args.policy == "checkpoint":
         CheckpointPolicy(args.checkpoint, None)  # fail now, not in a worker
-    start_states = read_state_files(args.save_state) if args.save_state else None  # bytes, shared by the workers
+    start_states = None
+    if args.save_state:
+        PokemonEnv(rom=args.rom, save_states=args.save_state).close()  # a bad state file is named now, not in a worker
+        start_states = read_state_files(args.save_state)  # bytes, shared by the workers
     manifest = open_folder(args, rom)
     already = manifest["total_steps"]
     remaining = args.total_steps - already

@@ -12,7 +12,8 @@ Manhattan distance, in tiles, between the probe's (x, y) read off the imagined l
 Writes drift.md (the project page's table), drift.json and drift.png to --out-dir. With
 --ablation-checkpoint (the teacher-forcing model) both models share one table with the
 improvement column (TF tile error / SS tile error). The "probe floor" is the probe's error on
-the real frames' latents: the best a rollout could score.
+the real frames' latents: the best a rollout could score; the "static baseline" reads z_0 at
+every step (a model that predicts no motion), which a useful rollout must beat.
 """
 import argparse
 from pathlib import Path
@@ -53,7 +54,7 @@ def parse_args(argv=None):
 @torch.no_grad()
 def drift_curves(dynamics, probe, table, data, starts, steps, batch_size) -> dict:
     """Per-step sums over windows: latent MSE, rollout tile error and the probe floor; divided by the count."""
-    mse, tile, floor = torch.zeros(steps), torch.zeros(steps), torch.zeros(steps)
+    mse, tile, floor, static = torch.zeros(steps), torch.zeros(steps), torch.zeros(steps), torch.zeros(steps)
     for i in tqdm(range(0, len(starts), batch_size), desc="rollouts", unit="batch", leave=False):
         chunk = starts[i:i + batch_size]
         batch = data.seqs.get_batch(chunk)
@@ -68,8 +69,10 @@ def drift_curves(dynamics, probe, table, data, starts, steps, batch_size) -> dic
         mse += ((pred - true) ** 2).mean(-1).sum(0).cpu()
         tile += (pred_xy - xy).abs().sum(-1).sum(0)
         floor += (true_xy - xy).abs().sum(-1).sum(0)
+        static += (probe(z[:, 0])["xy"].cpu()[:, None] - xy).abs().sum(-1).sum(0)  # "nothing moves": z_0 read at every step
     n = len(starts)
-    return {"latent_mse": (mse / n).tolist(), "tile_error": (tile / n).tolist(), "probe_floor_tile_error": (floor / n).tolist()}
+    return {"latent_mse": (mse / n).tolist(), "tile_error": (tile / n).tolist(), "probe_floor_tile_error": (floor / n).tolist(),
+            "static_tile_error": (static / n).tolist()}
 
 
 def markdown_table(curves: dict, sequences: int) -> str:
@@ -87,9 +90,11 @@ def markdown_table(curves: dict, sequences: int) -> str:
         lines += ["| Rollout Step | Latent MSE | Tile Error |", "|---|---|---|"]
         for k in range(steps):
             lines.append(f"| Step {k + 1} | {ss['latent_mse'][k]:.5f} | {ss['tile_error'][k]:.2f} tiles |")
-    floor = ss["probe_floor_tile_error"]
+    floor, static = ss["probe_floor_tile_error"], ss["static_tile_error"]
     lines += ["", f"Probe floor (the probe on the real frames' latents): {floor[0]:.2f} tiles at step 1, "
-                  f"{floor[-1]:.2f} tiles at step {steps}."]
+                  f"{floor[-1]:.2f} tiles at step {steps}.",
+              f"Static baseline (no dynamics: the probe on z_0 at every step): {static[0]:.2f} tiles at step 1, "
+              f"{static[-1]:.2f} tiles at step {steps}."]
     return "\n".join(lines) + "\n"
 
 

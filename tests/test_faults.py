@@ -2,9 +2,6 @@
 every bad input is exit code 2 with one line naming the problem; a non-finite loss stops training
 cleanly; random bytes and mangled files make the loaders raise UserError and nothing else; a
 collector worker's memory stays flat from chunk to chunk.
-
-Tests marked xfail document a failure found in another module (the reason names the file); they
-turn into passes when it is fixed.
 """
 import errno
 import importlib.util
@@ -15,7 +12,6 @@ import signal
 import subprocess
 import sys
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -215,9 +211,7 @@ def test_garbage_save_state_exit_2(tmp_path, cartridge_rom, capsys):
     line = exit_2(capsys, "collect_data", "--rom", cartridge_rom, "--save-state", state, "--out-dir", tmp_path / "out",
                   "--total-steps", 5)
     assert "does not load" in line, line
-    if "garbage.state" not in line:
-        pytest.xfail("collect_data.py hands the workers the states as bytes, so env.py's message says 'given as "
-                     "bytes' instead of naming the file")
+    assert "garbage.state" in line, line
 
 
 def test_save_state_of_another_pyboy_version_exit_2(tmp_path, cartridge_rom, start_state, capsys):
@@ -226,13 +220,9 @@ def test_save_state_of_another_pyboy_version_exit_2(tmp_path, cartridge_rom, sta
     line = exit_2(capsys, "collect_data", "--rom", cartridge_rom, "--save-state", state, "--out-dir", tmp_path / "out",
                   "--total-steps", 5)
     assert "version" in line, line
-    if "newer.state" not in line:
-        pytest.xfail("collect_data.py hands the workers the states as bytes, so env.py's message says 'given as "
-                     "bytes' instead of naming the file")
+    assert "newer.state" in line, line
 
 
-@pytest.mark.xfail(reason="env.py (PokemonEnv._check_states_load) loads a save state made by another ROM silently: "
-                          "PyBoy states carry no ROM identity; the env should check the game's RAM after loading")
 def test_save_state_of_another_game_exit_2(tmp_path, cartridge_rom, capsys):
     from pyboy import PyBoy
 
@@ -334,9 +324,7 @@ def test_flag_out_of_range_exit_2(name, args, expected, data_dir, tmp_path, caps
 
 
 @pytest.mark.parametrize("name", [
-    pytest.param("collect_data", marks=pytest.mark.xfail(
-        reason="collect_data.py open_folder: out.mkdir lets NotADirectoryError through as a traceback for an "
-               "--out-dir under a regular file")),
+    "collect_data",
     "train_rssm"])
 def test_output_folder_that_cannot_be_written_exit_2(name, data_dir, cartridge_rom, tmp_path, capsys):
     blocker = tmp_path / "a_file"
@@ -406,9 +394,6 @@ def loads_or_user_error(load) -> None:
         pass
 
 
-@pytest.mark.xfail(raises=zlib.error, reason="dataset.py PokemonDataset._check_file does not catch zlib.error: a chunk "
-                   "whose deflate stream is damaged where a .npy header is read (e.g. 16 zeroed bytes at offset 42) "
-                   "raises zlib.error instead of UserError (_load_file catches it, _check_file does not)")
 @FUZZ
 @given(data=st.data())
 def test_dataset_fuzz_only_user_errors(data, tmp_path_factory):
