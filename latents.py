@@ -7,7 +7,7 @@ train or validation through the windows that cover it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -94,3 +94,19 @@ class LatentTable:
 def load_network(path, kind: str, device: str):
     """A v1 network ("vae", "dynamics" or "probe") rebuilt from its checkpoint, in eval mode."""
     return build_model(load_checkpoint(path, kind=kind)).to(device).eval()
+
+
+def resume_training(path, kind: str, config, model, optimizer) -> tuple[int, float, list]:
+    """Continue a v1 run from its checkpoint: load weights and optimizer into `model` / `optimizer`
+    (the stored config must equal `config`) and return (start epoch, best validation loss, history).
+    Without `path`, a fresh start: (0, inf, [])."""
+    if not path:
+        return 0, float("inf"), []
+    ckpt = load_checkpoint(path, kind=kind)
+    if type(config)(**ckpt["config"]) != config:
+        raise UserError(f"--resume {path} was trained with {ckpt['config']}, not {asdict(config)}; "
+                        "use the same data and flags")
+    model.load_state_dict(ckpt["model_state"])
+    if ckpt.get("optimizer_state"):
+        optimizer.load_state_dict(ckpt["optimizer_state"])
+    return ckpt["step"], ckpt["extra"]["best_val"], ckpt["extra"]["history"]

@@ -19,9 +19,9 @@ import torch
 from tqdm import tqdm
 
 from artifacts import RunLog, write_json
-from checkpoint import load_checkpoint, save_checkpoint
+from checkpoint import save_checkpoint
 from errors import UserError, cli
-from latents import LatentTable, load_network, load_v1_data, resolve_device
+from latents import LatentTable, load_network, load_v1_data, resolve_device, resume_training
 from models import DynamicsConfig, LatentDynamics
 
 
@@ -98,15 +98,7 @@ def main(argv=None):
     config = DynamicsConfig(latent_dim=vae.config.latent_dim, hidden=args.hidden, reward_scale=args.reward_scale)
     model = LatentDynamics(config).to(args.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    start_epoch, best_val, history = 0, float("inf"), []
-    if args.resume:
-        ckpt = load_checkpoint(args.resume, kind="dynamics")
-        if DynamicsConfig(**ckpt["config"]) != config:
-            raise UserError(f"--resume {args.resume} was trained with {ckpt['config']}, not {asdict(config)}; use the same flags")
-        model.load_state_dict(ckpt["model_state"])
-        if ckpt.get("optimizer_state"):
-            optimizer.load_state_dict(ckpt["optimizer_state"])
-        start_epoch, best_val, history = ckpt["step"], ckpt["extra"]["best_val"], ckpt["extra"]["history"]
+    start_epoch, best_val, history = resume_training(args.resume, "dynamics", config, model, optimizer)
     log = RunLog(out_dir, history)
     write_json(out_dir / "config.json", {"args": vars(args), "model": asdict(config),
                                          "train_windows": len(data.train_starts), "val_windows": len(val_starts)})

@@ -16,9 +16,9 @@ import torch
 from tqdm import tqdm
 
 from artifacts import RunLog, save_figure, write_json
-from checkpoint import load_checkpoint, save_checkpoint
+from checkpoint import save_checkpoint
 from errors import UserError, cli
-from latents import load_v1_data, resolve_device
+from latents import load_v1_data, resolve_device, resume_training
 from models import VAE, VAEConfig
 
 
@@ -89,15 +89,7 @@ def main(argv=None):
     config = VAEConfig(height=height, width=width, latent_dim=args.latent_dim, beta=args.beta)
     model = VAE(config).to(args.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    start_epoch, best_val, history = 0, float("inf"), []
-    if args.resume:
-        ckpt = load_checkpoint(args.resume, kind="vae")
-        if VAEConfig(**ckpt["config"]) != config:
-            raise UserError(f"--resume {args.resume} was trained with {ckpt['config']}, not {asdict(config)}; use the same data and flags")
-        model.load_state_dict(ckpt["model_state"])
-        if ckpt.get("optimizer_state"):
-            optimizer.load_state_dict(ckpt["optimizer_state"])
-        start_epoch, best_val, history = ckpt["step"], ckpt["extra"]["best_val"], ckpt["extra"]["history"]
+    start_epoch, best_val, history = resume_training(args.resume, "vae", config, model, optimizer)
     log = RunLog(out_dir, history)
     write_json(out_dir / "config.json", {"args": vars(args), "model": asdict(config),
                                          "train_frames": len(data.train_rows), "val_frames": len(data.val_rows)})
