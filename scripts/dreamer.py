@@ -145,7 +145,7 @@ class Loop:
         explorer = ExplorePolicy(rng)
         buffer = ChunkBuffer(min(args.save_interval, todo), args.resolution)
         stats = {"episodes": 0, "tiles": [], "badges": 0}
-        done, collected = True, 0
+        done, collected, info = True, 0, {}
         for _ in tqdm(range(todo), desc=f"collect {it}", unit="step", dynamic_ncols=True):
             if done:
                 if collected:
