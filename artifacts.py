@@ -113,14 +113,14 @@ class RunLog:
         save_figure(fig, self.out_dir / path_name)
 
 
-def panel(image: np.ndarray, title: str, scale: int = 1, header: int = 22) -> np.ndarray:
+def panel(image: np.ndarray, title: str, scale: int = 1, header: int = 22, color=(255, 255, 255)) -> np.ndarray:
     """A video panel: `image` (H, W, 3) uint8 scaled up `scale` times (nearest neighbour, no
     sharpening or contrast change) under a black strip with `title`."""
     import cv2
 
     big = np.repeat(np.repeat(image, scale, 0), scale, 1)
     strip = np.zeros((header, big.shape[1], 3), np.uint8)
-    cv2.putText(strip, title, (4, header - 7), cv2.FONT_HERSHEY_SIMPLEX, 0.42, (255, 255, 255), 1, cv2.LINE_AA)
+    cv2.putText(strip, title, (4, header - 7), cv2.FONT_HERSHEY_SIMPLEX, 0.42, color, 1, cv2.LINE_AA)
     return np.concatenate([strip, big], 0)
 
 

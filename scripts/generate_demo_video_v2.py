@@ -6,7 +6,7 @@
 The model observes the first --context real frames (default 1: the start frame), then only the
 actions: from then on the middle panel is the prior's imagination, decoded as is (no contrast or
 sharpening). Actions come from a fixed walking loop, an --actions-file, or a --policy checkpoint.
-Frames are scaled 2x with a label bar; the video has max-steps + 1 frames (fewer if the episode ends).
+Frames are scaled --scale times (2) with a label bar; the video has max-steps + 1 frames (fewer if the episode ends).
 """
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import argparse
 import json
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -29,8 +28,6 @@ from models import psnr
 
 # The walking loop: 4 steps each way, three times (48 actions), then it repeats.
 WALK_LOOP = (("right",) * 4 + ("down",) * 4 + ("left",) * 4 + ("up",) * 4) * 3
-SCALE = 2
-BAR = 32  # label bar height in pixels (after scaling)
 
 
 def parse_args(argv=None):
@@ -42,6 +39,7 @@ def parse_args(argv=None):
     p.add_argument("--gif", default=None, help="also write an animated GIF here")
     p.add_argument("--ticks-per-action", type=int, default=24, help="emulator frames per action")
     p.add_argument("--fps", type=float, default=5, help="video frames per second")
+    p.add_argument("--scale", type=int, default=2, help="whole-pixel upscaling of each panel (1 keeps a README GIF small)")
     p.add_argument("--max-steps", type=int, default=30, help="actions to play")
     p.add_argument("--context", type=int, default=1, help="real frames the model observes before it dreams alone")
     p.add_argument("--actions-file", default=None,
@@ -101,14 +99,6 @@ def action_source(args):
     return lambda step, obs: walk[step % len(walk)]
 
 
-def panel(frame: np.ndarray, label: str, color=(255, 255, 255)) -> np.ndarray:
-    """(H, W, 3) uint8 -> scaled 2x with a label bar on top."""
-    big = cv2.resize(frame, (frame.shape[1] * SCALE, frame.shape[0] * SCALE), interpolation=cv2.INTER_NEAREST)
-    bar = np.zeros((BAR, big.shape[1], 3), np.uint8)
-    cv2.putText(bar, label, (6, 22), cv2.FONT_HERSHEY_SIMPLEX, 0.5, color, 1, cv2.LINE_AA)
-    return np.concatenate([bar, big], 0)
-
-
 def to_uint8(frames: torch.Tensor) -> np.ndarray:
     """(T, 3, H, W) floats in [0, 1] -> (T, H, W, 3) uint8 (plain rounding, nothing else)."""
     return (frames.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
@@ -147,10 +137,10 @@ def main(argv=None):
     video = []
     for t in range(len(real)):
         imagined = t >= args.context
-        left = panel(real[t], f"emulator  t={t}")
-        middle = panel(dream_u8[t], f"RSSM dream  +{t - args.context + 1}" if imagined else f"RSSM context  t={t}",
-                       (255, 120, 120) if imagined else (120, 255, 120))
-        right = panel(error_u8[t], f"|error|  PSNR {frame_psnr[t]:.1f} dB")
+        left = artifacts.panel(real[t], f"emulator t={t}", scale=args.scale)
+        middle = artifacts.panel(dream_u8[t], f"RSSM dream +{t - args.context + 1}" if imagined else f"RSSM context t={t}",
+                                 scale=args.scale, color=(255, 120, 120) if imagined else (120, 255, 120))
+        right = artifacts.panel(error_u8[t], f"|error| PSNR {frame_psnr[t]:.1f} dB", scale=args.scale)
         video.append(np.concatenate([left, middle, right], 1))
     artifacts.write_video(video, args.out_video, fps=args.fps)
     if args.gif:
