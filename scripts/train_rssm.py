@@ -314,8 +314,8 @@ def main(argv=None):
                                "loss/val_reward": val["reward"], "eval/psnr": val["psnr"]})
                 score = val["loss"]
                 save_reconstructions(wm, ds, val_starts, out_dir / f"reconstruction_epoch_{epoch + 1:03d}.png", device)
-            else:
-                score = record["loss/train"]
+            else:  # no validation episodes: score on training windows (a resumed epoch may have run no batch here)
+                score = evaluate(wm, ds, train_starts, args.batch_size, args.val_batches, device)["loss"]
                 save_reconstructions(wm, ds, train_starts, out_dir / f"reconstruction_epoch_{epoch + 1:03d}.png", device)
             if not completed:
                 record["stopped"] = "time budget"

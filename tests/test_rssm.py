@@ -297,6 +297,6 @@ def test_demo_video_is_playable_with_the_expected_frame_count(tiny_run, cartridg
                       "--context", 2)
     assert done.returncode == 0, done.stderr[-3000:]
     frames = iio.imread(video)
-    assert frames.shape == (6, 32 + 288, 3 * 320, 3)
+    assert frames.shape == (6, 22 + 288, 3 * 320, 3)  # a label bar over each 2x-scaled panel
     assert len(iio.imread(gif)) == 6
     assert not list(tmp_path.glob(".*")), "a temporary file was left behind"
