@@ -1,4 +1,4 @@
-"""One checkpoint format for every model: save atomically, load weights-only, rebuild the model.
+"""One checkpoint format for every model: save atomically, load weights-only, rebuild the model (on the device asked for).
 
 A checkpoint is a dict of plain data (tensors, numbers, strings, lists, dicts):
     format            "pokedreamer-checkpoint-1"
@@ -179,3 +179,12 @@ def set_rng_state(state: dict) -> None:
     random.setstate((py_state["version"], tuple(py_state["state"]), py_state["gauss"]))
     if state.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def resolve_device(name: str) -> str:
+    """'auto' -> 'cuda' when available, else 'cpu'; UserError for an unavailable CUDA device."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name} was asked for but CUDA is not available here; use --device cpu")
+    return name

@@ -17,15 +17,6 @@ from dataset import PokemonDataset, frames_to_float
 from errors import UserError
 
 
-def resolve_device(name: str) -> str:
-    """'auto' -> 'cuda' when available, else 'cpu'; UserError for an unavailable CUDA device."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name} was asked for but CUDA is not available here; use --device cpu")
-    return name
-
-
 @dataclass
 class V1Data:
     seqs: PokemonDataset  # the dynamics' T-step windows; its arrays hold every row once

@@ -86,8 +86,7 @@ def parse_args(argv=None):
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if not 0 <= args.epsilon <= 1:
         raise UserError(f"--epsilon must be in [0, 1], got {args.epsilon}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available; use --device cpu")
+    checkpoint.resolve_device(args.device)  # an unavailable CUDA device fails here, not in a later phase
     return args
 
 

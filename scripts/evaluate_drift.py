@@ -23,9 +23,9 @@ import torch
 from tqdm import tqdm
 
 from artifacts import save_figure, write_json, write_text
-from checkpoint import load_checkpoint
+from checkpoint import load_checkpoint, resolve_device
 from errors import UserError, cli
-from latents import LatentTable, load_network, load_v1_data, resolve_device
+from latents import LatentTable, load_network, load_v1_data
 
 
 def parse_args(argv=None):

@@ -190,7 +190,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
+    device = torch.device(checkpoint.resolve_device(args.device))
     ds = PokemonDataset(args.data_dir, seq_len=args.context + args.horizon, max_files=args.max_files)
     train_starts, val_starts = ds.split(args.val_split, seed=args.seed)
     if len(val_starts) == 0 or len(train_starts) == 0:

@@ -15,8 +15,9 @@ import torch
 
 from artifacts import panel, side_by_side, write_video
 from env import ACTIONS, DEFAULT_ROM, PokemonEnv
+from checkpoint import resolve_device
 from errors import UserError, cli
-from latents import load_network, resolve_device
+from latents import load_network
 from planner import LatentPlanner
 
 WALK_LOOP = ["right"] * 6 + ["down"] * 6 + ["left"] * 6 + ["up"] * 6

@@ -107,7 +107,7 @@ def to_uint8(frames: torch.Tensor) -> np.ndarray:
 @cli
 def main(argv=None):
     args = parse_args(argv)
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
+    device = torch.device(checkpoint.resolve_device(args.device))
     wm = checkpoint.build_model(checkpoint.load_checkpoint(args.checkpoint, kind="rssm"), device=device)
     height, width = wm.cfg.image_size
     env = PokemonEnv(rom=args.rom, save_states=[args.save_state] if args.save_state else None,

@@ -17,8 +17,9 @@ import numpy as np
 
 from artifacts import panel, side_by_side, write_video
 from env import ACTIONS, DEFAULT_ROM, PokemonEnv
+from checkpoint import resolve_device
 from errors import UserError, cli
-from latents import load_network, resolve_device
+from latents import load_network
 from planner import Goal, LatentPlanner, PlannerPolicy, run_goal_episode, sample_goal
 
 

@@ -273,7 +273,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
+    device = torch.device(checkpoint.resolve_device(args.device))
     wm = checkpoint.build_model(checkpoint.load_checkpoint(args.checkpoint, kind="rssm"), device=device)
     probe = load_probe(args.probe, wm.feat_dim, device)
     env = PokemonEnv(rom=args.rom, save_states=[args.save_state] if args.save_state else None,

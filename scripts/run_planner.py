@@ -22,8 +22,9 @@ from tqdm import tqdm
 
 from artifacts import write_json, write_text
 from env import DEFAULT_ROM, PokemonEnv
+from checkpoint import resolve_device
 from errors import UserError, cli
-from latents import load_network, resolve_device
+from latents import load_network
 from planner import GreedyPolicy, LatentPlanner, PlannerPolicy, RandomPolicy, run_goal_episode, sample_goal
 
 DESCRIPTIONS = {

@@ -23,6 +23,7 @@ import torch
 
 import agent as agent_lib
 import artifacts
+from checkpoint import resolve_device
 from dataset import PokemonDataset
 from env import DEFAULT_ROM, identify_rom
 from errors import UserError, cli
@@ -73,10 +74,7 @@ def parse_args(argv=None):
         raise UserError(f"--imag-horizon must be in 1..50, got {args.imag_horizon}")
     if args.eval_only and not args.policy:
         raise UserError("--eval-only needs --policy PATH (a policy.pt written by this script)")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available; use --device cpu")
-    args.device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-                               else "cpu")
+    args.device = torch.device(resolve_device(args.device))
     return args
 
 

@@ -86,9 +86,7 @@ def parse_overrides(items: list[str]) -> dict:
 
 def setup_distributed(device_flag: str):
     """(rank, world_size, device). Under torchrun (WORLD_SIZE > 1) joins the process group."""
-    use_cuda = device_flag == "cuda" or (device_flag == "auto" and torch.cuda.is_available())
-    if device_flag == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available; use --device cpu")
+    use_cuda = checkpoint.resolve_device(device_flag).startswith("cuda")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1, torch.device("cuda" if use_cuda else "cpu")

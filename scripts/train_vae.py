@@ -16,9 +16,9 @@ import torch
 from tqdm import tqdm
 
 from artifacts import RunLog, save_figure, write_json
-from checkpoint import save_checkpoint
+from checkpoint import resolve_device, save_checkpoint
 from errors import UserError, cli
-from latents import load_v1_data, resolve_device, resume_training
+from latents import load_v1_data, resume_training
 from models import VAE, VAEConfig
 
 
