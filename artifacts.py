@@ -1,4 +1,4 @@
-"""Run outputs written atomically (temp file + os.replace): JSON, the metrics log, figures, videos."""
+"""Run outputs written atomically (temp file + os.replace): JSON, bytes, arrays, the metrics log, figures, videos."""
 from __future__ import annotations
 
 import json
@@ -31,6 +31,22 @@ def write_json(path, obj) -> None:
             f.write("\n")
 
     _replace_into(Path(path), write)
+
+
+def write_bytes(path, data: bytes) -> None:
+    _replace_into(Path(path), lambda tmp: Path(tmp).write_bytes(data))
+
+
+def copy_file(source, path) -> None:
+    """Copy `source` to `path` so that `path` is either absent/old or the whole copy."""
+    import shutil
+
+    _replace_into(Path(path), lambda tmp: shutil.copyfile(source, tmp))
+
+
+def write_arrays(path, **arrays) -> None:
+    """Arrays -> a compressed .npz."""
+    _replace_into(Path(path), lambda tmp: np.savez_compressed(tmp, **arrays))
 
 
 def write_text(path, text: str) -> None:

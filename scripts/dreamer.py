@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -187,9 +186,7 @@ class Loop:
         args = self.args
         latest = self.wm_dir / "checkpoint_latest.pt"
         if not latest.exists() and args.wm_init:
-            self.wm_dir.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(args.wm_init, self.wm_dir / ".init.tmp")
-            os.replace(self.wm_dir / ".init.tmp", latest)
+            artifacts.copy_file(args.wm_init, latest)
         if self.state.get("wm_iteration") != it:
             done_epochs = checkpoint.load_checkpoint(latest, kind="rssm")["extra"]["epoch"] if latest.exists() else 0
             self.state.update(wm_iteration=it, wm_target_epochs=done_epochs + args.wm_epochs)
@@ -233,8 +230,7 @@ class Loop:
                                        log_every=50, desc=f"policy {it}")
         del ds
         path = agent_lib.save_policy(self.policy_path(it), agent, learner, extra={"iteration": it})
-        shutil.copyfile(path, self.out / ".policy.pt.tmp")
-        os.replace(self.out / ".policy.pt.tmp", self.out / "policy.pt")
+        artifacts.copy_file(path, self.out / "policy.pt")
 
     # --- evaluation -----------------------------------------------------------------------
     def evaluate(self, it: int) -> None:

@@ -9,11 +9,11 @@ screen, so its random numbers differ (Red/Blue states are all the same intro).
 States are tied to the PyBoy version that wrote them.
 """
 import argparse
-import os
 from pathlib import Path
 
 from pyboy import PyBoy
 
+import artifacts
 import env
 import save_states
 from errors import UserError, cli
@@ -41,13 +41,6 @@ def output_paths(out: Path, count: int) -> list:
     return [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(count)]
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 @cli
 def main(argv=None):
     args = parse_args(argv)
@@ -62,7 +55,7 @@ def main(argv=None):
             data = save_states.save_state_bytes(pyboy)
         finally:
             pyboy.stop(save=False)
-        write_atomic(path, data)
+        artifacts.write_bytes(path, data)
         print(f"wrote {path} ({info.game}, {len(data)} bytes)")
 
 

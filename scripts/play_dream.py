@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import collections
 import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -241,13 +240,7 @@ class Recorder:
         for i, window in enumerate(self.log["windows"]):
             cv2.imwrite(str(out_dir / f"window_{i:04d}.png"), cv2.cvtColor(window, cv2.COLOR_RGB2BGR))
         arrays = {k: np.stack(v) if k in ("frames", "windows") else np.array(v) for k, v in self.log.items()}
-        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".frames.", suffix=".npz")
-        os.close(fd)
-        try:
-            np.savez_compressed(tmp, **arrays)
-            os.replace(tmp, out_dir / "frames.npz")
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        artifacts.write_arrays(out_dir / "frames.npz", **arrays)
         print(f"wrote {len(self.log['frames'])} frames to {out_dir / 'frames.npz'}", flush=True)
 
 

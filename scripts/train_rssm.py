@@ -145,16 +145,7 @@ def save_reconstructions(wm: WorldModel, ds: PokemonDataset, starts: np.ndarray,
         rows.append(torch.cat(real + [gap] + pred, -1))  # (3, H, W')
     grid = torch.cat([torch.cat([r, torch.ones(3, 2, r.shape[-1])], -2) for r in rows], -2)
     image = (grid.permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
-    write_png(path, image)
-
-
-def write_png(path: Path, image: np.ndarray) -> None:
-    """(H, W, 3) uint8 -> PNG, written to a temp file then renamed."""
-    import imageio.v3 as iio
-
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    iio.imwrite(tmp, image)
-    os.replace(tmp, path)
+    artifacts.write_image(path, image)
 
 
 def nonfinite_losses(total, losses: dict) -> list[str]:
