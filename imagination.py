@@ -38,11 +38,15 @@ def last_state(states: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _rollout(wm: WorldModel, state, actions, sample: bool) -> dict:
     h, z = state
-    hs, zs = [], []
-    for t in range(actions.shape[1]):
-        h, z, _ = wm.rssm.img_step(h, z, actions[:, t], sample=sample)
-        hs.append(h), zs.append(z)
-    out = {"h": torch.stack(hs, 1), "z": torch.stack(zs, 1)}  # (B, H, D), (B, H, S)
+    if sample or torch.is_grad_enabled():
+        hs, zs = [], []
+        for t in range(actions.shape[1]):
+            h, z, _ = wm.rssm.img_step(h, z, actions[:, t], sample=sample)
+            hs.append(h), zs.append(z)
+        out = {"h": torch.stack(hs, 1), "z": torch.stack(zs, 1)}  # (B, H, D), (B, H, S)
+    else:
+        hs, zs = wm.rssm.greedy_rollout(h, z, actions)
+        out = {"h": hs, "z": zs}
     out["feat"] = features(out)
     return out
 

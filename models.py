@@ -9,6 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tiles import TileCodebook
+
 
 # ===== v1 =====
 # (VAE on 40x36 frames, GRU latent dynamics, multi-head RAM probe)
@@ -249,7 +251,7 @@ class RamProbe(nn.Module):
 # Shapes: B batch, T time, S = stoch * classes (one-hot latent, flattened), D = deter (GRU state),
 # F = D + S (the feature [h, s] every head reads), E = encoder embedding size.
 
-RSSM_PRESETS = ("faithful", "default", "tiny")
+RSSM_PRESETS = ("faithful", "default", "tiles", "tiny")
 
 
 @dataclass
@@ -259,7 +261,12 @@ class RSSMConfig:
     preset: str = "default"
     image_size: tuple = (144, 160)  # (H, W): each divisible by the product of conv_strides
     num_actions: int = 8
-    # convolutional encoder and its mirror decoder
+    # what the encoder reads and the decoder predicts: "pixels" (RGB, MSE) or "tiles" (the frame's 8x8 tiles
+    # as ids of a codebook fitted to the data, tiles.py; cross-entropy over tile_vocab ids per grid cell)
+    frame_model: str = "pixels"
+    tile_vocab: int = 512
+    # convolutional encoder and its mirror decoder; with "tiles" the first entry is the tile embedding
+    # (stride 8 = one 8x8 tile per cell) and the decoder ends in a 1x1 conv to tile_vocab logits per cell
     conv_channels: tuple = (32, 64, 128)  # one entry per downsampling conv
     conv_strides: tuple = (4, 2, 2)  # kernel = max(4, stride), padding (kernel - stride) // 2
     conv_residual: bool = False  # a residual block (two 3x3 convs + norm) after each downsampling conv
@@ -334,6 +341,7 @@ class RSSMConfig:
             "conv_norm": ("batch", "layer", "none"), "conv_act": tuple(_ACTIVATIONS), "mlp_act": tuple(_ACTIVATIONS),
             "decoder_output": ("sigmoid", "linear"), "gru": ("torch", "layernorm"), "mlp_norm": ("none", "layer", "rms"),
             "sampler": ("gumbel", "categorical"), "reward_head": ("mse", "twohot"), "recon_loss": ("mean", "sum"),
+            "frame_model": ("pixels", "tiles"),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -344,6 +352,9 @@ class RSSMConfig:
         height, width = self.image_size
         if height % factor or width % factor:
             raise ValueError(f"image size {height}x{width} is not divisible by the conv stack's total stride {factor}")
+        if self.frame_model == "tiles" and (self.conv_strides[0] != 8 or self.conv_residual or self.tile_vocab < 2):
+            raise ValueError("RSSMConfig with frame_model='tiles' needs conv_strides[0] == 8 (one cell per 8x8 tile), "
+                             "conv_residual=False and tile_vocab >= 2")
 
 
 _RSSM_PRESET_FIELDS = {
@@ -358,6 +369,9 @@ _RSSM_PRESET_FIELDS = {
     # DreamerV3 recipes (free nats, dyn/rep 0.5/0.1, 1% unimix, symlog two-hot reward, LayerNorm + SiLU),
     # sized for 144x160 on a CPU: a stride-4 patch conv then two stride-2 convs down to 9x10.
     "default": dict(),
+    # The default's RSSM and heads on tile tokens (tiles.py): an embedding per 8x8 tile, one stride-2 conv
+    # to 9x10; the decoder predicts each of the 18x20 cells' tile id out of a 512-entry codebook.
+    "tiles": dict(frame_model="tiles", conv_channels=(64, 128), conv_strides=(8, 2)),
     # Seconds-fast model for tests.
     "tiny": dict(
         conv_channels=(8, 16, 16), deter=32, stoch=4, classes=4, hidden=32, head_hidden=32, twohot_bins=31,
@@ -417,12 +431,19 @@ def _kernel_padding(stride: int) -> tuple[int, int]:
 
 
 class Encoder(nn.Module):
-    """(N, 3, H, W) frames in [0, 1] -> (N, E) embeddings."""
+    """(N, 3, H, W) frames in [0, 1], or (N, H/8, W/8) tile ids for "tiles", -> (N, E) embeddings."""
 
     def __init__(self, cfg: RSSMConfig):
         super().__init__()
         layers, channels = [], 3
-        for out, stride in zip(cfg.conv_channels, cfg.conv_strides):
+        stages = list(zip(cfg.conv_channels, cfg.conv_strides))
+        self.tile_embed = None
+        if cfg.frame_model == "tiles":  # the stride-8 stage is a lookup: one learned vector per tile id
+            channels = cfg.conv_channels[0]
+            self.tile_embed = nn.Embedding(cfg.tile_vocab, channels)
+            layers += [_conv_norm(cfg.conv_norm, channels), _ACTIVATIONS[cfg.conv_act]()]
+            stages = stages[1:]
+        for out, stride in stages:
             kernel, padding = _kernel_padding(stride)
             layers.append(nn.Conv2d(channels, out, kernel, stride, padding))
             if cfg.conv_residual:
@@ -439,14 +460,17 @@ class Encoder(nn.Module):
         self.channels_last = cfg.channels_last
 
     def forward(self, frames):
-        if self.channels_last:
+        if self.tile_embed is not None:
+            frames = self.tile_embed(frames).permute(0, 3, 1, 2)  # (N, C, H/8, W/8), channels-last in memory
+        elif self.channels_last:
             frames = frames.contiguous(memory_format=torch.channels_last)
         x = self.convs(frames)  # (N, C, h, w)
         return self.fc(x.flatten(1))  # (N, E)
 
 
 class Decoder(nn.Module):
-    """(N, F) features -> (N, 3, H, W) frames (raw; see `WorldModel.frames_from_output`)."""
+    """(N, F) features -> (N, 3, H, W) frames, or (N, tile_vocab, H/8, W/8) tile logits for "tiles"
+    (raw; see `WorldModel.frames_from_output`)."""
 
     def __init__(self, cfg: RSSMConfig, grid: tuple[int, int, int]):
         super().__init__()
@@ -456,12 +480,16 @@ class Decoder(nn.Module):
         strides = list(reversed(cfg.conv_strides))
         layers = [] if cfg.conv_residual else [_conv_norm(cfg.conv_norm, channels[0]), _ACTIVATIONS[cfg.conv_act]()]
         for i, (inp, stride) in enumerate(zip(channels, strides)):
-            out = channels[i + 1] if i + 1 < len(channels) else 3
+            last = i + 1 == len(channels)
+            if last and cfg.frame_model == "tiles":  # back from the tile grid: logits over the codebook per cell
+                layers.append(nn.Conv2d(inp, cfg.tile_vocab, 1))
+                break
+            out = 3 if last else channels[i + 1]
             kernel, padding = _kernel_padding(stride)
             if cfg.conv_residual:
                 layers.append(ResidualBlock(inp, cfg.conv_norm, cfg.conv_act))
             layers.append(nn.ConvTranspose2d(inp, out, kernel, stride, padding))
-            if out != 3:
+            if not last:
                 if not cfg.conv_residual:
                     layers.append(_conv_norm(cfg.conv_norm, out))
                 layers.append(_ACTIVATIONS[cfg.conv_act]())
@@ -472,7 +500,7 @@ class Decoder(nn.Module):
         x = self.fc(feat).view(-1, *self.grid)  # (N, C, h, w)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return self.deconvs(x).contiguous()  # (N, 3, H, W)
+        return self.deconvs(x).contiguous()  # (N, 3, H, W) or (N, V, H/8, W/8)
 
 
 class NormGRUCell(nn.Module):
@@ -566,6 +594,50 @@ class RSSM(nn.Module):
         h = self.deter_step(h, z, action)
         logp = self.log_probs(self.prior_net(h))
         return h, self.sample(logp, sample), logp
+
+    def _input_table(self):
+        """The first input layer's weights as rows: (S + A, out) for one-hot [z, a] inputs, and its bias."""
+        layer = self.cell if self.cfg.gru == "torch" else self.img_in[0]
+        weight, bias = (layer.weight_ih, layer.bias_ih) if self.cfg.gru == "torch" else (layer.weight, layer.bias)
+        return weight.t().contiguous(), bias
+
+    def greedy_rollout(self, h, z, actions):
+        """The prior alone following each latent's most likely class, for inference (no gradients, no
+        sampling): the same states as `img_step(..., sample=False)` in a loop, faster. From (h, z) (B, D),
+        (B, S) taking actions (B, H) -> h (B, H, D), z (B, H, S) one-hot.
+
+        Faster because a one-hot [z, a] times the input layer is a sum of S/classes + 1 rows of its weight
+        (`embedding_bag`), and the argmax of the prior needs no softmax: mixing in `unimix` keeps the order."""
+        cfg = self.cfg
+        batch, horizon = actions.shape
+        table, bias = self._input_table()
+        offsets = torch.arange(cfg.stoch, device=h.device) * cfg.classes
+        hs = h.new_empty(batch, horizon, cfg.deter)
+        zs = h.new_zeros(batch, horizon, cfg.stoch, cfg.classes)
+        index = None
+        for t in range(horizon):
+            if index is None:  # the start z may be anything (zeros, a soft belief): the plain step
+                h = self.deter_step(h, z, actions[:, t])
+            else:
+                rows = torch.cat([index + offsets, actions[:, t:t + 1].long() + cfg.stoch * cfg.classes], 1)
+                x = F.embedding_bag(rows, table, mode="sum") + bias  # (B, out)
+                h = self._gru_from_input(x, h)
+            index = self.prior_net(h).view(batch, cfg.stoch, cfg.classes).argmax(-1)  # (B, stoch)
+            hs[:, t] = h
+            zs[:, t].scatter_(-1, index.unsqueeze(-1), 1.0)
+        return hs, zs.flatten(-2)
+
+    def _gru_from_input(self, x, h):
+        """One GRU step given the input layer's output x (before its norm / nonlinearity)."""
+        if self.cfg.gru == "torch":  # nn.GRUCell's gates: reset, update, new
+            cell = self.cell
+            gh = F.linear(h, cell.weight_hh, cell.bias_hh)
+            x_r, x_z, x_n = x.chunk(3, -1)
+            h_r, h_z, h_n = gh.chunk(3, -1)
+            reset, update = torch.sigmoid(x_r + h_r), torch.sigmoid(x_z + h_z)
+            new = torch.tanh(x_n + reset * h_n)
+            return new + update * (h - new)
+        return self.cell(self.img_in[1:](x), h)
 
     def posterior(self, h, embed_in):
         """(B, D) state and (B, hidden) projected embedding (`post_embed_in(embed)`) -> (B, stoch, classes) log-probs."""
@@ -687,6 +759,7 @@ class WorldModel(nn.Module):
         self.encoder = Encoder(cfg)
         self.rssm = RSSM(cfg, self.encoder.out_dim)
         self.decoder = Decoder(cfg, self.encoder.grid)
+        self.tiles = TileCodebook(cfg.tile_vocab, cfg.image_size) if cfg.frame_model == "tiles" else None
         self.reward_head = ScalarHead(cfg, cfg.reward_head, layers=1)
         self.cont_head = mlp(self.feat_dim, cfg.head_hidden, 1, 1, norm=cfg.mlp_norm, act=cfg.mlp_act)
         self.loss_weights = {
@@ -701,18 +774,28 @@ class WorldModel(nn.Module):
     def feat_dim(self) -> int:
         return self.cfg.deter + self.cfg.stoch * self.cfg.classes
 
+    def model_input(self, frames):
+        """(N, 3, H, W) frames in [0, 1] -> what the encoder reads: the frames, or (N, H/8, W/8) tile ids."""
+        return self.tiles.tokenize(frames) if self.tiles is not None else frames
+
     def embed(self, frames):
         """(B, T, 3, H, W) in [0, 1] -> (B, T, E)."""
         batch, steps = frames.shape[:2]
-        return self.encoder(frames.flatten(0, 1)).view(batch, steps, -1)
+        return self.encoder(self.model_input(frames.flatten(0, 1))).view(batch, steps, -1)
 
     def decode_raw(self, feat):
-        """(B, T, F) -> raw decoder output (B, T, 3, H, W)."""
+        """(B, T, F) -> raw decoder output (B, T, 3, H, W), or tile logits (B, T, V, H/8, W/8)."""
         batch, steps = feat.shape[:2]
-        return self.decoder(feat.flatten(0, 1)).view(batch, steps, 3, *self.cfg.image_size)
+        out = self.decoder(feat.flatten(0, 1))
+        return out.view(batch, steps, *out.shape[1:])
 
     def frames_from_output(self, raw):
-        """Raw decoder output -> predicted frames (unclamped for "linear"; clamp only to display)."""
+        """Raw decoder output -> predicted frames (unclamped for "linear"; clamp only to display;
+        the most likely tile of each cell for "tiles")."""
+        if self.tiles is not None:
+            batch, steps = raw.shape[:2]
+            ids = raw[:, :, :int(self.tiles.size)].argmax(2)  # (B, T, H/8, W/8)
+            return self.tiles.render(ids.flatten(0, 1)).view(batch, steps, 3, *self.cfg.image_size)
         return torch.sigmoid(raw) if self.cfg.decoder_output == "sigmoid" else raw + 0.5
 
     def decode(self, feat):
@@ -730,13 +813,22 @@ class WorldModel(nn.Module):
         Returns (total loss, dict of losses, dict of float metrics, posterior states).
         """
         cfg = self.cfg
-        states = self.rssm.observe(self.embed(frames), actions)
+        batch, steps = frames.shape[:2]
+        inputs = self.model_input(frames.flatten(0, 1))  # frames or tile ids
+        states = self.rssm.observe(self.encoder(inputs).view(batch, steps, -1), actions)
         feat = torch.cat([states["h"], states["z"]], -1)  # (B, T, F)
-        pred = self.frames_from_output(self.decode_raw(feat))  # (B, T, 3, H, W)
-        diff = pred - frames
-        frame_sse = (diff * diff).sum((-3, -2, -1))  # (B, T)
-        frame_mse = frame_sse / frames[0, 0].numel()
-        recon = frame_mse.mean() if cfg.recon_loss == "mean" else frame_sse.mean()
+        raw = self.decode_raw(feat)
+        if self.tiles is not None:  # cross-entropy of each cell's tile, summed (or averaged) over the grid
+            cell_loss = F.cross_entropy(raw.flatten(0, 1), inputs, reduction="none").view(batch, steps, -1)
+            recon = cell_loss.sum(-1).mean() if cfg.recon_loss == "sum" else cell_loss.mean()
+            with torch.no_grad():
+                frame_mse = (self.frames_from_output(raw) - frames).pow(2).mean((-3, -2, -1))  # (B, T)
+        else:
+            pred = self.frames_from_output(raw)  # (B, T, 3, H, W)
+            diff = pred - frames
+            frame_sse = (diff * diff).sum((-3, -2, -1))  # (B, T)
+            frame_mse = frame_sse / frames[0, 0].numel()
+            recon = frame_mse.mean() if cfg.recon_loss == "mean" else frame_sse.mean()
         post = states["post_logp"]
         dyn, rep, kl = kl_losses(post, states["prior_logp"], cfg.free_nats)  # (B, T) each
         # feat_t is the state reached by a_{t-1}: it predicts r_{t-1} and continues_{t-1}
@@ -753,7 +845,7 @@ class WorldModel(nn.Module):
             reward_pred = self.reward_head.predict(next_feat)
             metrics = {
                 "recon_mse": frame_mse.mean().item(),
-                "psnr": psnr(frame_mse).mean().item(),  # of the unclamped prediction (a lower bound)
+                "psnr": psnr(frame_mse).mean().item(),  # pixels: of the unclamped prediction (a lower bound)
                 "kl": kl.mean().item(),
                 "reward_mse": (reward_pred - rewards[:, :-1]).pow(2).mean().item(),
                 "post_entropy": -(post.exp() * post).sum(-1).mean().item(),

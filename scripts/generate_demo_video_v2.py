@@ -130,7 +130,8 @@ def main(argv=None):
     acts = torch.tensor(actions + [ACTIONS.index("pass")], device=device)[None]  # (1, N): a_t after frame t
     out = imagination.open_loop(wm, frames, acts, context=args.context, horizon=len(real) - args.context)
     dream = torch.cat([out["recon"], out["pred"]], 1)[0]  # (N, 3, H, W): context reconstructions, then imagined
-    frame_psnr = psnr((dream - frames[0]).pow(2).mean((-3, -2, -1))).cpu().tolist()
+    frame_mse = (dream - frames[0]).pow(2).mean((-3, -2, -1)).cpu()  # (N,)
+    frame_psnr = psnr(frame_mse).tolist()  # 100 dB marks an exact frame
     dream_u8 = to_uint8(dream)
     error_u8 = np.abs(dream_u8.astype(np.int16) - np.stack(real).astype(np.int16)).astype(np.uint8)
 
@@ -145,8 +146,8 @@ def main(argv=None):
     artifacts.write_video(video, args.out_video, fps=args.fps)
     if args.gif:
         artifacts.write_video(video, args.gif, fps=args.fps)
-    print(f"wrote {args.out_video} ({len(video)} frames; mean imagined PSNR "
-          f"{np.mean(frame_psnr[args.context:]):.2f} dB)" + (f" and {args.gif}" if args.gif else ""), flush=True)
+    print(f"wrote {args.out_video} ({len(video)} frames; imagined PSNR {psnr(frame_mse[args.context:].mean()):.2f} dB "
+          f"of the mean squared error)" + (f" and {args.gif}" if args.gif else ""), flush=True)
 
 
 if __name__ == "__main__":

@@ -118,13 +118,17 @@ def evaluate(wm: WorldModel, ds: PokemonDataset, starts: np.ndarray, batch_size:
         total, losses, metrics, states = wm(frames, actions, rewards, continues)
         recon = wm.decode(imagination.features(states))
         values = {"loss": total.item(), "kl": metrics["kl"], "recon": metrics["recon_mse"],
-                  "reward": metrics["reward_mse"], "psnr": psnr((recon - frames).pow(2).mean((-3, -2, -1))).mean().item()}
+                  "reward": metrics["reward_mse"], "mse": (recon - frames).pow(2).mean().item()}
         values.update({f"loss_{k}": v.item() for k, v in losses.items()})
         for k, v in values.items():
             sums[k] = sums.get(k, 0.0) + v * len(frames)
         count += len(frames)
     wm.train()
-    return {k: v / count for k, v in sums.items()}
+    means = {k: v / count for k, v in sums.items()}
+    # PSNR of the mean squared error: frames reconstructed exactly cannot inflate it the way a mean of
+    # per-frame PSNRs (each infinite for an exact frame) would
+    means["psnr"] = psnr(torch.tensor(means["mse"])).item()
+    return means
 
 
 @torch.inference_mode()
@@ -146,6 +150,22 @@ def save_reconstructions(wm: WorldModel, ds: PokemonDataset, starts: np.ndarray,
     grid = torch.cat([torch.cat([r, torch.ones(3, 2, r.shape[-1])], -2) for r in rows], -2)
     image = (grid.permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
     artifacts.write_image(path, image)
+
+
+def fit_tiles(wm: WorldModel, ds: PokemonDataset, train_starts: np.ndarray, verbose: bool) -> None:
+    """Fill a "tiles" model's codebook from the frames of the training windows (same result on every rank)."""
+    rows = np.zeros(len(ds.obs), bool)
+    for offset in range(ds.seq_len):
+        rows[train_starts + offset] = True
+    began = time.perf_counter()
+    try:
+        stats = wm.tiles.fit(ds.obs[rows])
+    except ValueError as err:
+        raise UserError(f"{ds.data_dir}: {err}") from None
+    if verbose:
+        print(f"tile codebook: {stats['distinct']} distinct 8x8 tiles in {int(rows.sum())} frames, kept the "
+              f"{stats['kept']} most common, covering {100 * stats['covered']:.3f}% of tile positions "
+              f"({time.perf_counter() - began:.1f} s)", flush=True)
 
 
 def nonfinite_losses(total, losses: dict) -> list[str]:
@@ -200,7 +220,10 @@ def main(argv=None):
                         f"{ds.resolution[0]}x{ds.resolution[1]}")
 
     torch.manual_seed(args.seed)  # identical initial weights on every rank
-    wm = WorldModel(cfg).to(device)
+    wm = WorldModel(cfg)
+    if wm.tiles is not None and resume is None:
+        fit_tiles(wm, ds, train_starts, main_process)
+    wm = wm.to(device)
     optimizer = torch.optim.Adam(wm.parameters(), lr=args.lr)
     step, start_epoch, start_batch, best_val, history = 0, 0, 0, float("inf"), []
     if resume is not None:

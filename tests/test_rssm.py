@@ -164,6 +164,82 @@ def test_imagination_rolls_the_prior_and_decodes():
     assert any(p.grad is not None for p in actor.parameters())
 
 
+@pytest.mark.parametrize("preset", ["default", "faithful", "tiny"])
+def test_greedy_rollout_equals_the_plain_prior_loop(preset):
+    torch.manual_seed(0)
+    wm = WorldModel(RSSMConfig.from_preset(preset)).eval()
+    h, z = torch.randn(5, wm.cfg.deter), torch.rand(5, wm.cfg.stoch * wm.cfg.classes)  # a soft start z
+    actions = torch.randint(0, 8, (5, 7))
+    fast = imagination.imagine(wm, (h, z), actions)
+    hs, zs = [], []
+    with torch.inference_mode():
+        for t in range(actions.shape[1]):
+            h, z, _ = wm.rssm.img_step(h, z, actions[:, t], sample=False)
+            hs.append(h), zs.append(z)
+    torch.testing.assert_close(fast["h"], torch.stack(hs, 1), rtol=1e-5, atol=1e-5)
+    assert torch.equal(fast["z"], torch.stack(zs, 1))
+
+
+# --- tile tokens ----------------------------------------------------------------------------
+def tiles_config(**overrides) -> RSSMConfig:
+    return RSSMConfig.from_preset("tiny", frame_model="tiles", conv_channels=(8, 16), conv_strides=(8, 2),
+                                  tile_vocab=64, **overrides)
+
+
+def test_tile_codebook_is_exact_on_cartridge_frames_and_nearest_outside(data_dir):
+    from dataset import PokemonDataset, frames_to_float
+    from tiles import TileCodebook
+
+    obs = PokemonDataset(data_dir, seq_len=1).obs
+    book = TileCodebook(4096, (144, 160))
+    stats = book.fit(obs[:400])
+    assert stats["covered"] == 1.0 and stats["kept"] == stats["distinct"] < 4096
+    frames = frames_to_float(torch.from_numpy(obs[400:460]), "cpu")  # (N, 3, H, W), unseen frames
+    ids = book.tokenize(frames)
+    assert ids.shape == (60, 18, 20)
+    seen = book.tokenize(frames_to_float(torch.from_numpy(obs[:60]), "cpu"))
+    assert torch.equal(book.render(seen), frames_to_float(torch.from_numpy(obs[:60]), "cpu"))
+    small = TileCodebook(8, (144, 160))
+    small.fit(obs[:400])
+    rendered = small.render(small.tokenize(frames))
+    # a tile outside the codebook becomes the entry differing in the fewest pixels, never worse than any entry
+    shades, back = small.shades(frames), small.shades(rendered)
+    cells = lambda x: x.view(60, 18, 8, 20, 8).permute(0, 1, 3, 2, 4).reshape(-1, 64)
+    differ = (cells(shades).unsqueeze(1) != small.tiles.unsqueeze(0)).sum(-1)  # (cells, 8)
+    assert torch.equal((cells(shades) != cells(back)).sum(-1), differ.min(1).values)
+    with pytest.raises(ValueError, match="5 colours"):
+        noisy = obs[:4].copy()
+        noisy[0, 0, 0] = (1, 2, 3)
+        TileCodebook(8, (144, 160)).fit(noisy)
+    with pytest.raises(RuntimeError, match="codebook is empty"):
+        TileCodebook(8, (144, 160)).tokenize(frames)
+
+
+def test_tiles_model_learns_and_its_codebook_survives_a_checkpoint(data_dir, tmp_path):
+    from dataset import PokemonDataset, frames_to_float
+
+    torch.manual_seed(0)
+    ds = PokemonDataset(data_dir, seq_len=6)
+    cfg = tiles_config()
+    wm = WorldModel(cfg)
+    wm.tiles.fit(ds.obs)
+    batch = ds.get_batch(np.arange(0, 48, 6))
+    frames = frames_to_float(batch["obs"], "cpu")
+    args = frames, batch["actions"], batch["rewards"], batch["continues"]
+    optimizer = torch.optim.Adam(wm.parameters(), lr=3e-3)
+    first = wm(*args)[1]["recon"].item()
+    for _ in range(30):
+        loss = wm(*args)[0]
+        optimizer.zero_grad(), loss.backward(), optimizer.step()
+    assert wm(*args)[1]["recon"].item() < 0.8 * first
+    path = checkpoint.save_checkpoint(tmp_path / "wm.pt", kind="rssm", config=cfg.to_dict(), model_state=wm.state_dict())
+    rebuilt = checkpoint.build_model(checkpoint.load_checkpoint(path, kind="rssm")).eval()
+    assert torch.equal(rebuilt.tiles.tokenize(frames[0]), wm.tiles.tokenize(frames[0]))
+    wm.eval()
+    feat = imagination.observe(wm, frames, batch["actions"])["feat"]
+    assert torch.equal(imagination.decode(rebuilt, feat), imagination.decode(wm, feat))
+
+
 # --- checkpoints --------------------------------------------------------------------------
 def test_checkpoint_round_trip_and_refusals(tmp_path):
     cfg = RSSMConfig.from_preset("tiny")
