@@ -94,6 +94,9 @@ class TileCodebook(nn.Module):
         colours = np.stack([flat >> 16, (flat >> 8) & 255, flat & 255], 1)
         order = np.argsort(colours.sum(1), kind="stable")
         colours, flat = colours[order], flat[order]
+        if len(np.unique(colours.sum(1))) < len(colours):
+            raise ValueError(f"two of the frames' colours have the same R + G + B ({colours.tolist()}); tile tokens "
+                             f"tell shades apart by it: use a pixel preset")
         palette = np.zeros((SHADES, 3), np.float32)
         palette[:len(colours)] = colours / 255.0
         palette[len(colours):] = palette[len(colours) - 1]
@@ -136,14 +139,9 @@ class TileCodebook(nn.Module):
 
     def shades(self, frames: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) float frames in [0, 1] -> (N, H, W) shade ids (nearest palette colour)."""
-        best = (frames - self.palette[0].view(1, 3, 1, 1)).abs().sum(1)  # (N, H, W) distance to shade 0
-        shade = torch.zeros(best.shape, dtype=torch.uint8, device=frames.device)
-        for index in range(1, SHADES):
-            dist = (frames - self.palette[index].view(1, 3, 1, 1)).abs().sum(1)
-            closer = dist < best
-            shade[closer] = index
-            best = torch.minimum(best, dist)
-        return shade
+        # the palette is sorted by R + G + B, all sums distinct (`fit` checks): the nearest sum picks the shade
+        sums = self.palette.sum(1)
+        return torch.bucketize(frames.sum(1), (sums[1:] + sums[:-1]) / 2).to(torch.uint8)  # (N, H, W)
 
     @torch.no_grad()
     def tokenize(self, frames: torch.Tensor) -> torch.Tensor:
@@ -172,6 +170,18 @@ class TileCodebook(nn.Module):
                 differ = (patches[rows].unsqueeze(1) != book.unsqueeze(0)).sum(-1)  # (m, size)
                 ids[rows] = differ.argmin(1)
         return ids.view(n, *self.grid)
+
+    def render_mean(self, logits: torch.Tensor) -> torch.Tensor:
+        """(N, gh, gw, V) logits over the codebook -> (N, 3, H, W) float frames: each cell the
+        probability-weighted mean of the tiles (the frame with the least expected squared error; exactly a
+        tile where the model is sure)."""
+        n = logits.shape[0]
+        gh, gw = self.grid
+        size = int(self.size)
+        probs = logits[..., :size].softmax(-1)  # (N, gh, gw, size)
+        images = self.palette[self.tiles[:size].long()].view(size, _PIXELS * 3)  # (size, 64 * 3)
+        cells = (probs @ images).view(n, gh, gw, TILE, TILE, 3)
+        return cells.permute(0, 5, 1, 3, 2, 4).reshape(n, 3, gh * TILE, gw * TILE)
 
     def render(self, ids: torch.Tensor) -> torch.Tensor:
         """(N, gh, gw) tile ids -> (N, 3, H, W) float frames."""

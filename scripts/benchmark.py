@@ -54,9 +54,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 # sizes: the full run, and --quick (tiny sizes so that the whole run takes < 2 minutes)
 FULL = dict(emu_steps=2000, episode_length=1000, save_interval=1000, resolution="144x160", batch_size=8, seq_len=15,
-            train_steps={"faithful": 2, "default": 4}, imagine_batch=1024, horizon=15, repeats=3, decode_frames=32)
+            train_steps={"faithful": 2, "default": 4, "pixels": 4}, imagine_batch=1024, horizon=15, repeats=3, decode_frames=32)
 QUICK = dict(emu_steps=80, episode_length=40, save_interval=40, resolution="32x32", batch_size=2, seq_len=4,
-             train_steps={"faithful": 1, "default": 1}, imagine_batch=64, horizon=4, repeats=1, decode_frames=4)
+             train_steps={"faithful": 1, "default": 1, "pixels": 1}, imagine_batch=64, horizon=4, repeats=1, decode_frames=4)
 
 
 def parse_args(argv=None):
@@ -68,7 +68,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads of the model measurements")
     p.add_argument("--emu-steps", type=int, default=None, help="env steps per emulator measurement (and per worker)")
     p.add_argument("--episode-length", type=int, default=None, help="steps per episode of the collectors")
-    p.add_argument("--presets", nargs="+", default=["faithful", "default"], choices=("faithful", "default", "tiny"),
+    p.add_argument("--presets", nargs="+", default=["faithful", "default"], choices=("faithful", "default", "pixels", "tiny"),
                    help="world-model presets to train, imagine and decode with")
     p.add_argument("--train-steps", type=int, default=None, help="timed training steps per preset (after 1 warm-up)")
     p.add_argument("--imagine-batch", type=int, default=None, help="imagination batch (1024 in the full run)")
@@ -253,13 +253,26 @@ def measure_collector(rom, state_file, steps, episode_length, save_interval, wor
 
 
 # --- world-model training -------------------------------------------------------------------
-def _world_model(torch, preset, image_size, channels_last=None):
+def _world_model(torch, preset, image_size, channels_last=None, frames=None):
+    """A fresh model; a "tiles" model gets its codebook from `frames` (uint8 (N, H, W, 3)) or, without
+    native Game Boy frames, random tiles (enough to time it)."""
     from models import RSSMConfig, WorldModel
 
     overrides = {"image_size": tuple(image_size)}
     if channels_last is not None:
         overrides["channels_last"] = channels_last
-    return WorldModel(RSSMConfig.from_preset(preset, **overrides))
+    wm = WorldModel(RSSMConfig.from_preset(preset, **overrides))
+    if wm.tiles is not None:
+        try:
+            fitted = frames is not None and bool(wm.tiles.fit(frames))
+        except ValueError:  # not native Game Boy frames (--quick's 32x32)
+            fitted = False
+        if not fitted:
+            with torch.no_grad():
+                wm.tiles.tiles.random_(0, 4)
+                wm.tiles.palette.copy_(torch.linspace(0, 1, 4)[:, None].expand(4, 3))
+                wm.tiles.size.fill_(wm.tiles.vocab)
+    return wm
 
 
 def original_batch(torch, ds, starts):
@@ -315,7 +328,7 @@ def measure_training(data_dir, preset, batch_size, seq_len, steps, threads, ways
 
     torch = _torch(threads)
     ds = PokemonDataset(data_dir, seq_len=seq_len)
-    wm = _world_model(torch, preset, ds.resolution, channels_last)
+    wm = _world_model(torch, preset, ds.resolution, channels_last, frames=ds.obs)
     wm.train()
     model = torch.compile(wm) if compile_model else wm
     optimizer = torch.optim.Adam(wm.parameters(), lr=1e-4)
@@ -538,10 +551,13 @@ def run(args) -> dict:
         ratios["train_faithful_vs_original"] = ratio(results["train_faithful"], results["train_faithful_original"],
                                                      1.25, "whole training step, data included")
         ratios["imagine_faithful_vs_original"] = ratio(results["imagine_faithful"], results["imagine_original"])
-    if "default" in args.presets:
-        ratios["imagine_default_vs_original"] = ratio(results["imagine_default"], results["imagine_original"])
-        if "faithful" in args.presets:
-            ratios["train_default_vs_faithful"] = ratio(results["train_default"], results["train_faithful"])
+    for preset in args.presets:
+        if preset != "faithful":
+            ratios[f"imagine_{preset}_vs_original"] = ratio(results[f"imagine_{preset}"], results["imagine_original"],
+                                                            3.0 if preset == "default" else None)
+            if "faithful" in args.presets:
+                ratios[f"train_{preset}_vs_faithful"] = ratio(results[f"train_{preset}"], results["train_faithful"],
+                                                              10.0 if preset == "default" else None)
     best = "default" if "default" in args.presets else args.presets[0]
     imagined = results[f"imagine_{best}"]
     ratios["imagined_per_emulator_step"] = ratio(imagined, results["env_steps"], None,

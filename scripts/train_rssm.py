@@ -38,7 +38,7 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=int, default=20, help="passes over the training windows")
     p.add_argument("--batch-size", type=int, default=32, help="windows per batch (per process under torchrun)")
     p.add_argument("--seq-len", type=int, default=15, help="frames per training window")
-    p.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate")
+    p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: the preset's, 3e-4; tiles 1e-3)")
     p.add_argument("--kl-scale", type=float, default=1.0, help="multiplies both KL terms (dyn and rep)")
     p.add_argument("--reward-scale", type=float, default=1.0, help="weight of the reward loss")
     p.add_argument("--continue-scale", type=float, default=1.0, help="weight of the continue loss")
@@ -224,7 +224,7 @@ def main(argv=None):
     if wm.tiles is not None and resume is None:
         fit_tiles(wm, ds, train_starts, main_process)
     wm = wm.to(device)
-    optimizer = torch.optim.Adam(wm.parameters(), lr=args.lr)
+    optimizer = torch.optim.Adam(wm.parameters(), lr=args.lr or cfg.lr)
     step, start_epoch, start_batch, best_val, history = 0, 0, 0, float("inf"), []
     if resume is not None:
         checkpoint.check_state_matches(wm, resume["model_state"], what=str(latest_path))

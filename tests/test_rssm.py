@@ -164,7 +164,7 @@ def test_imagination_rolls_the_prior_and_decodes():
     assert any(p.grad is not None for p in actor.parameters())
 
 
-@pytest.mark.parametrize("preset", ["default", "faithful", "tiny"])
+@pytest.mark.parametrize("preset", ["default", "pixels", "faithful", "tiny"])
 def test_greedy_rollout_equals_the_plain_prior_loop(preset):
     torch.manual_seed(0)
     wm = WorldModel(RSSMConfig.from_preset(preset)).eval()
@@ -207,6 +207,8 @@ def test_tile_codebook_is_exact_on_cartridge_frames_and_nearest_outside(data_dir
     cells = lambda x: x.view(60, 18, 8, 20, 8).permute(0, 1, 3, 2, 4).reshape(-1, 64)
     differ = (cells(shades).unsqueeze(1) != small.tiles.unsqueeze(0)).sum(-1)  # (cells, 8)
     assert torch.equal((cells(shades) != cells(back)).sum(-1), differ.min(1).values)
+    sure = torch.nn.functional.one_hot(seen, book.vocab).float() * 100.0  # confident logits (N, gh, gw, V)
+    torch.testing.assert_close(book.render_mean(sure), book.render(seen))
     with pytest.raises(ValueError, match="5 colours"):
         noisy = obs[:4].copy()
         noisy[0, 0, 0] = (1, 2, 3)
@@ -297,6 +299,22 @@ def test_train_rssm_lowers_the_loss_and_writes_every_output(tiny_run):
     assert config["model"]["preset"] == "tiny" and config["run"]["seq_len"] == 8
     latest = checkpoint.load_checkpoint(tiny_run / "checkpoint_latest.pt", kind="rssm")
     assert latest["step"] == 24 and latest["optimizer_state"] is not None and "rng" in latest["extra"]
+
+
+def test_train_rssm_fits_the_tile_codebook_and_resume_keeps_it(data_dir, tmp_path):
+    tiles = ["--set", "frame_model=\"tiles\"", "--set", "conv_channels=[8,16]", "--set", "conv_strides=[8,2]",
+             "--set", "tile_vocab=64"]
+    first = run_script("train_rssm.py", "--data-dir", data_dir, "--out-dir", tmp_path, *TINY_TRAIN, *tiles,
+                       "--epochs", 1, "--steps-per-epoch", 4)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "tile codebook:" in first.stdout and "kept the 64 most common" in first.stdout
+    book = checkpoint.load_checkpoint(tmp_path / "checkpoint_latest.pt")["model_state"]["tiles.tiles"]
+    again = run_script("train_rssm.py", "--data-dir", data_dir, "--out-dir", tmp_path, *TINY_TRAIN, "--epochs", 2,
+                       "--steps-per-epoch", 4, "--resume")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "tile codebook:" not in again.stdout  # the resumed run keeps the checkpoint's codebook
+    wm = checkpoint.build_model(checkpoint.load_checkpoint(tmp_path / "best_world_model.pt"))
+    assert wm.cfg.frame_model == "tiles" and torch.equal(wm.state_dict()["tiles.tiles"], book)
 
 
 def test_train_rssm_stops_cleanly_on_a_non_finite_loss(data_dir, tmp_path):
