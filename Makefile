@@ -7,10 +7,10 @@ OUT    ?= outputs/demo
 
 .PHONY: setup test demo cartridge sdcc clean
 
-# demo budget: collected steps and minutes of world-model training (about 20 minutes in all on 2 cores)
+# demo budget: collected steps and minutes of world-model training (about 25 minutes in all on 2 cores)
 DEMO_STEPS          ?= 20000
 DEMO_EPISODE_LENGTH ?= 500
-DEMO_MINUTES        ?= 14
+DEMO_MINUTES        ?= 20
 DEMO_PRESET         ?= default
 # torch CPU threads (0: torch's default; use 1 when other jobs share the cores)
 DEMO_THREADS        ?= 0
