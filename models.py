@@ -503,10 +503,10 @@ class Decoder(nn.Module):
 
     def forward(self, feat):
         x = self.fc(feat).view(-1, *self.grid)  # (N, C, h, w)
-        if self.channels_last or self.tiles:
+        if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         x = self.deconvs(x)
-        if self.tiles:  # channels-last memory: the permute is free and the logits come out contiguous
+        if self.tiles:  # in channels-last memory the permute is free and the logits come out contiguous
             return self.tile_head(x.permute(0, 2, 3, 1))  # (N, H/8, W/8, V)
         return x.contiguous()  # (N, 3, H, W)
 
@@ -782,14 +782,18 @@ class WorldModel(nn.Module):
     def feat_dim(self) -> int:
         return self.cfg.deter + self.cfg.stoch * self.cfg.classes
 
-    def model_input(self, frames):
-        """(N, 3, H, W) frames in [0, 1] -> what the encoder reads: the frames, or (N, H/8, W/8) tile ids."""
-        return self.tiles.tokenize(frames) if self.tiles is not None else frames
+    def _encode(self, frames):
+        """(B, T, 3, H, W) in [0, 1] -> (what the encoder read: the (B*T, 3, H, W) frames or (B*T, H/8, W/8)
+        tile ids; embeddings (B, T, E))."""
+        batch, steps = frames.shape[:2]
+        inputs = frames.flatten(0, 1)
+        if self.tiles is not None:
+            inputs = self.tiles.tokenize(inputs)
+        return inputs, self.encoder(inputs).view(batch, steps, -1)
 
     def embed(self, frames):
         """(B, T, 3, H, W) in [0, 1] -> (B, T, E)."""
-        batch, steps = frames.shape[:2]
-        return self.encoder(self.model_input(frames.flatten(0, 1))).view(batch, steps, -1)
+        return self._encode(frames)[1]
 
     def decode_raw(self, feat):
         """(B, T, F) -> raw decoder output (B, T, 3, H, W), or tile logits (B, T, H/8, W/8, V)."""
@@ -821,8 +825,8 @@ class WorldModel(nn.Module):
         """
         cfg = self.cfg
         batch, steps = frames.shape[:2]
-        inputs = self.model_input(frames.flatten(0, 1))  # frames or tile ids
-        states = self.rssm.observe(self.encoder(inputs).view(batch, steps, -1), actions)
+        inputs, embeds = self._encode(frames)  # inputs: frames or tile ids
+        states = self.rssm.observe(embeds, actions)
         feat = torch.cat([states["h"], states["z"]], -1)  # (B, T, F)
         raw = self.decode_raw(feat)
         if self.tiles is not None:  # cross-entropy of each cell's tile, summed (or averaged) over the grid

@@ -159,7 +159,7 @@ def fit_tiles(wm: WorldModel, ds: PokemonDataset, train_starts: np.ndarray, verb
         rows[train_starts + offset] = True
     began = time.perf_counter()
     try:
-        stats = wm.tiles.fit(ds.obs[rows])
+        stats = wm.tiles.fit(ds.obs, rows=np.flatnonzero(rows))
     except ValueError as err:
         raise UserError(f"{ds.data_dir}: {err}") from None
     if verbose:
