@@ -96,9 +96,12 @@ class DynamicsConfig:
     action_embed: int = 16
     hidden: int = 256
     reward_scale: float = 1.0  # weight of the reward loss next to the latent MSE
+    # weight of a frozen RAM probe's position and map read off the predicted latents against RAM's
+    # (0: the original's loss, latent MSE + reward only)
+    probe_scale: float = 0.0
 
     def __post_init__(self):
-        if min(self.latent_dim, self.num_actions, self.action_embed, self.hidden) < 1:
+        if min(self.latent_dim, self.num_actions, self.action_embed, self.hidden) < 1 or self.probe_scale < 0:
             raise ValueError(f"bad DynamicsConfig {self}")
 
 
@@ -154,11 +157,27 @@ class LatentDynamics(nn.Module):
             rewards.append(r)
         return torch.stack(preds, 1), torch.stack(rewards, 1)
 
-    def loss(self, z: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor, teacher_forcing: float = 1.0):
-        """z (B,T,D) true latents, actions (B,T), rewards (B,T) -> (total, dict of floats)."""
+    def loss(self, z: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor, teacher_forcing: float = 1.0,
+             probe: RamProbe | None = None, places: dict | None = None):
+        """z (B,T,D) true latents, actions (B,T), rewards (B,T) -> (total, dict of floats).
+
+        With config.probe_scale > 0, `probe` (frozen) reads every predicted latent and `places`
+        ({"xy": (B,T,2) tiles, "map_id": (B,T)} from RAM) says where the player really was: the
+        probe's scaled position MSE plus its map cross-entropy is added with that weight, so the
+        rollout must stay readable as the right place, not only near in latent MSE.
+        """
         pred_z, pred_r = self.unroll(z, actions, teacher_forcing)
         losses = {"latent": F.mse_loss(pred_z, z[:, 1:]), "reward": F.mse_loss(pred_r, rewards[:, :-1])}
         weights = {"latent": 1.0, "reward": self.config.reward_scale}
+        if self.config.probe_scale > 0:
+            if probe is None or places is None:
+                raise ValueError("probe_scale > 0 needs the frozen probe and the RAM places of the windows")
+            out = probe(pred_z.reshape(-1, pred_z.shape[-1]))
+            scale = probe.config.coord_scale
+            xy = places["xy"][:, 1:].reshape(-1, 2).float()
+            losses["probe"] = (F.mse_loss(out["xy"] / scale, xy / scale)
+                               + F.cross_entropy(out["map_logits"], places["map_id"][:, 1:].reshape(-1).long()))
+            weights["probe"] = self.config.probe_scale
         assert losses.keys() == weights.keys()
         return sum(weights[k] * losses[k] for k in losses), {k: v.item() for k, v in losses.items()}
 

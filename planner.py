@@ -3,7 +3,10 @@
 A plan is scored by imagining it: encode the current frame with the VAE, roll the latent GRU out
 open-loop with the plan's actions, read the final latent with the RAM probe, and score
 -Manhattan distance to the goal tile, +1000 / -1000 for being on / off the goal map, -50 if the
-probe predicts a battle and -10 if it predicts an open dialog (the original's score).
+probe predicts a battle and -10 if it predicts an open dialog (the original's score). The CEM
+planner (ours) scores the whole imagined path instead: the best step's score less a small cost per
+step, so a plan that reaches the goal early is not marked down for walking on past it (the episode
+ends on the goal tile).
 """
 from __future__ import annotations
 
@@ -92,13 +95,21 @@ class LatentPlanner:
             - 10.0 * (final["dialog_logit"] > 0).float()
         )
 
-    def evaluate(self, z0: torch.Tensor, sequences: np.ndarray, goal: Goal):
+    @classmethod
+    def score_path(cls, out: dict, goal: Goal, step_cost: float = 0.25) -> torch.Tensor:
+        """Every step's score (N, L) less step_cost per step taken; a sequence scores its best step (N,)."""
+        n, steps = out["xy"].shape[:2]
+        per_step = cls.score({k: v.reshape(n * steps, *v.shape[2:]) for k, v in out.items()}, goal).view(n, steps)
+        return (per_step - step_cost * torch.arange(1, steps + 1, device=per_step.device)).max(1).values
+
+    def evaluate(self, z0: torch.Tensor, sequences: np.ndarray, goal: Goal, path: bool = False):
+        """Imagine and score `sequences` (N, L): by the final latent (the original) or, with path, by the best step."""
         latents, out = self.imagine(z0, sequences)
-        scores = self.score({k: v[:, -1] for k, v in out.items()}, goal)
+        scores = self.score_path(out, goal) if path else self.score({k: v[:, -1] for k, v in out.items()}, goal)
         return latents, out, scores
 
-    def _plan(self, z0, candidates, goal) -> Plan:
-        latents, out, scores = self.evaluate(z0, candidates, goal)
+    def _plan(self, z0, candidates, goal, path: bool = False) -> Plan:
+        latents, out, scores = self.evaluate(z0, candidates, goal, path)
         best = int(scores.argmax())
         return Plan(
             actions=candidates[best].copy(),
@@ -129,7 +140,8 @@ class LatentPlanner:
         Each round samples `population` sequences from independent per-step categoricals, keeps
         the `elites` best and moves the categoricals toward their action frequencies. The best
         sequence so far is carried into every round, so the result scores at least as well as the
-        best macro-sequence (the rollout is deterministic).
+        best macro-sequence (the rollout is deterministic). Sequences are scored by their path
+        (`score_path`).
         """
         rng = rng or np.random.default_rng(0)
         z0 = self.encode(frame)
@@ -139,14 +151,14 @@ class LatentPlanner:
             cum = probs.cumsum(-1)  # (L, 8)
             draws = (rng.random((population, length, 1)) > cum[None]).sum(-1).clip(0, 7)  # (P, L)
             candidates = np.concatenate([carry, draws]).astype(np.int64)
-            _, _, scores = self.evaluate(z0, candidates, goal)
+            _, _, scores = self.evaluate(z0, candidates, goal, path=True)
             order = scores.argsort(descending=True).cpu().numpy()
             elite = candidates[order[:elites]]  # (E, L)
             freq = np.stack([(elite == a).mean(0) for a in range(8)], -1)  # (L, 8)
             probs = smoothing * probs + (1 - smoothing) * freq
             probs = (probs + 1e-3) / (probs + 1e-3).sum(-1, keepdims=True)  # keep every action possible
             carry = elite[:1]
-        return self._plan(z0, candidates, goal)
+        return self._plan(z0, candidates, goal, path=True)
 
 
 def greedy_action(x: int, y: int, goal: Goal, blocked: set, rng: np.random.Generator) -> int:

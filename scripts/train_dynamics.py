@@ -8,6 +8,12 @@ own prediction) decays linearly from 1.0 at the first epoch to --min-teacher-for
 --decay-epochs and stays there; --no-scheduled-sampling keeps it at 1.0. The best checkpoint
 (best_dynamics.pt) has the lowest autoregressive validation loss: latent MSE of an open-loop
 rollout from the first latent of each held-out window. dynamics_latest.pt is for --resume.
+
+Beyond the original: --probe-checkpoint with --probe-scale > 0 adds a frozen RAM probe's reading
+of every predicted latent to the loss (position MSE + map cross-entropy against RAM), and with a
+probe given the log reports the open-loop validation tile error of every epoch; the best
+checkpoint is then the one with the lowest autoregressive validation loss in all (latent + reward
++ probe terms, as weighted in training).
 """
 import argparse
 import time
@@ -42,6 +48,10 @@ def parse_args(argv=None):
     p.add_argument("--min-teacher-forcing", type=float, default=0.2, help="teacher-forcing ratio reached at --decay-epochs")
     p.add_argument("--decay-epochs", type=int, default=15, help="epochs over which the ratio decays linearly from 1.0")
     p.add_argument("--no-scheduled-sampling", action="store_true", help="keep the ratio at 1.0 (pure teacher forcing: the ablation)")
+    p.add_argument("--probe-checkpoint", default=None,
+                   help="frozen RAM probe of the same VAE: validation tile error every epoch, and the probe loss with --probe-scale")
+    p.add_argument("--probe-scale", type=float, default=0.0,
+                   help="weight of the probe's position + map error on predicted latents (0: the original's loss)")
     p.add_argument("--out-dir", default="checkpoints/dynamics_v1", help="where checkpoints, metrics and plots go")
     p.add_argument("--val-split", type=float, default=0.1, help="fraction of episodes held out for validation")
     p.add_argument("--seed", type=int, default=0, help="seed of the split, initialisation, shuffling and sampling")
@@ -51,6 +61,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if min(args.epochs, args.batch_size, args.hidden, args.decay_epochs, args.window_stride) < 1 or args.lr <= 0:
         raise UserError("--epochs, --batch-size, --hidden, --decay-epochs must be >= 1 and --lr > 0")
+    if args.probe_scale < 0 or (args.probe_scale > 0 and not args.probe_checkpoint):
+        raise UserError("--probe-scale must be >= 0, and > 0 needs --probe-checkpoint")
     if not 0.0 <= args.min_teacher_forcing <= 1.0:
         raise UserError(f"--min-teacher-forcing {args.min_teacher_forcing} must be in [0, 1]")
     args.device = resolve_device(args.device)
@@ -65,14 +77,22 @@ def teacher_forcing_ratio(epoch: int, min_ratio: float, decay_epochs: int, sched
 
 
 @torch.no_grad()
-def evaluate(model, table, starts, seq_len, actions, rewards, teacher_forcing, batch_size=512) -> dict:
+def evaluate(model, table, starts, seq_len, fields, teacher_forcing, probe=None, batch_size=512) -> dict:
+    """Mean losses over windows (and, with a probe, the mean Manhattan tile error of the
+    probe's reading of every predicted latent; the total is the weighted training loss)."""
     model.eval()
-    sums, n = {"latent": 0.0, "reward": 0.0}, 0
+    sums, n = {}, 0
     for i in range(0, len(starts), batch_size):
         z = table.windows(starts[i:i + batch_size], seq_len)  # (B, T, D)
-        _, parts = model.loss(z, actions[i:i + batch_size], rewards[i:i + batch_size], teacher_forcing)
-        for k in sums:
-            sums[k] += parts[k] * len(z)
+        part = {k: v[i:i + batch_size] for k, v in fields.items()}
+        total, parts = model.loss(z, part["actions"], part["rewards"], teacher_forcing, probe, part)
+        parts["total"] = total.item()
+        if probe is not None:
+            pred, _ = model.unroll(z, part["actions"], teacher_forcing)
+            xy = probe(pred.reshape(-1, pred.shape[-1]))["xy"]  # (B*(T-1), 2)
+            parts["tile_error"] = (xy - part["xy"][:, 1:].reshape(-1, 2)).abs().sum(-1).mean().item()
+        for k, v in parts.items():
+            sums[k] = sums.get(k, 0.0) + v * len(z)
         n += len(z)
     return {k: v / n for k, v in sums.items()}
 
@@ -88,14 +108,24 @@ def main(argv=None):
     table = LatentTable(vae, data, args.device)
 
     def window_fields(starts):
+        """Actions and rewards (N, T), RAM tile (x, y) (N, T, 2) and map id (N, T) of windows."""
         batch = data.seqs.get_batch(starts)
-        return batch["actions"].to(args.device), batch["rewards"].to(args.device)  # (N, T) each
+        fields = {"actions": batch["actions"], "rewards": batch["rewards"], "map_id": batch["map_ids"].long(),
+                  "xy": torch.stack([batch["xs"], batch["ys"]], -1).float()}
+        return {k: v.to(args.device) for k, v in fields.items()}
 
-    train_actions, train_rewards = window_fields(data.train_starts)
+    train_fields = window_fields(data.train_starts)
     val_starts = data.val_starts[::args.window_stride]
-    val_actions, val_rewards = window_fields(val_starts)
+    val_fields = window_fields(val_starts)
+    probe = None
+    if args.probe_checkpoint:
+        probe = load_network(args.probe_checkpoint, "probe", args.device).requires_grad_(False)
+        if probe.config.latent_dim != vae.config.latent_dim:
+            raise UserError(f"--probe-checkpoint reads {probe.config.latent_dim}-d latents, the VAE makes "
+                            f"{vae.config.latent_dim}-d ones; pass the probe trained on this VAE")
 
-    config = DynamicsConfig(latent_dim=vae.config.latent_dim, hidden=args.hidden, reward_scale=args.reward_scale)
+    config = DynamicsConfig(latent_dim=vae.config.latent_dim, hidden=args.hidden, reward_scale=args.reward_scale,
+                            probe_scale=args.probe_scale)
     model = LatentDynamics(config).to(args.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     start_epoch, best_val, history = resume_training(args.resume, "dynamics", config, model, optimizer)
@@ -112,43 +142,49 @@ def main(argv=None):
         offset = epoch % args.window_stride
         order = np.random.default_rng(args.seed + epoch).permutation(len(data.train_starts))
         order = order[(data.train_starts[order] - data.train_starts[0]) % args.window_stride == offset]
-        sums, start = {"latent": 0.0, "reward": 0.0}, time.time()
+        sums, start = {}, time.time()
         with tqdm(total=len(order), desc=f"epoch {epoch + 1}/{args.epochs} tf={ratio:.2f}", unit="seq", leave=False) as bar:
             for i in range(0, len(order), args.batch_size):
                 idx = order[i:i + args.batch_size]
                 z = table.windows(data.train_starts[idx], args.seq_len)  # (B, T, D)
-                loss, parts = model.loss(z, train_actions[idx], train_rewards[idx], ratio)
+                fields = {k: v[idx] for k, v in train_fields.items()}
+                loss, parts = model.loss(z, fields["actions"], fields["rewards"], ratio, probe, fields)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if args.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
                 optimizer.step()
-                for k in sums:
-                    sums[k] += parts[k] * len(idx)
+                for k, v in parts.items():
+                    sums[k] = sums.get(k, 0.0) + v * len(idx)
                 bar.update(len(idx))
                 bar.set_postfix(latent=f"{parts['latent']:.4f}")
         elapsed = time.time() - start
-        val_ar = evaluate(model, table, val_starts, args.seq_len, val_actions, val_rewards, 0.0)
-        val_tf = evaluate(model, table, val_starts, args.seq_len, val_actions, val_rewards, 1.0)
-        log.record({
-            "epoch": epoch + 1, "teacher_forcing": ratio,
-            "loss/train_latent": sums["latent"] / len(order), "loss/train_reward": sums["reward"] / len(order),
-            "loss/val_ar_latent": val_ar["latent"], "loss/val_ar_reward": val_ar["reward"],
-            "loss/val_tf_latent": val_tf["latent"], "loss/val_tf_reward": val_tf["reward"],
-            "perf/steps_per_s": len(order) * (args.seq_len - 1) / max(elapsed, 1e-9),
-        })
-        is_best = val_ar["latent"] < best_val
-        best_val = min(best_val, val_ar["latent"])
+        val_ar = evaluate(model, table, val_starts, args.seq_len, val_fields, 0.0, probe)
+        val_tf = evaluate(model, table, val_starts, args.seq_len, val_fields, 1.0, probe)
+        record = {"epoch": epoch + 1, "teacher_forcing": ratio,
+                  **{f"loss/train_{k}": v / len(order) for k, v in sums.items()},
+                  **{f"loss/val_ar_{k}": v for k, v in val_ar.items() if k != "tile_error"},
+                  **{f"loss/val_tf_{k}": v for k, v in val_tf.items() if k != "tile_error"},
+                  "perf/steps_per_s": len(order) * (args.seq_len - 1) / max(elapsed, 1e-9)}
+        if probe is not None:
+            record.update({"eval/val_ar_tile_error": val_ar["tile_error"], "eval/val_tf_tile_error": val_tf["tile_error"]})
+        log.record(record)
+        is_best = val_ar["total"] < best_val
+        best_val = min(best_val, val_ar["total"])
         extra = {"best_val": best_val, "history": log.history, "vae_checkpoint": str(args.vae_checkpoint),
                  "scheduled_sampling": not args.no_scheduled_sampling, "data_dir": str(args.data_dir),
+                 "probe_checkpoint": args.probe_checkpoint,
                  "seed": args.seed, "val_split": args.val_split, "seq_len": args.seq_len}
         state = dict(kind="dynamics", config=asdict(config), model_state=model.state_dict(), step=epoch + 1, extra=extra)
         save_checkpoint(out_dir / "dynamics_latest.pt", optimizer_state=optimizer.state_dict(), **state)
         if is_best:
             save_checkpoint(out_dir / "best_dynamics.pt", **state)
-        log.plot([["loss/train_latent", "loss/val_ar_latent", "loss/val_tf_latent"], ["loss/train_reward", "loss/val_ar_reward"],
-                  ["teacher_forcing"]], title="v1 latent dynamics" + (" (teacher forcing)" if args.no_scheduled_sampling else ""))
-    print(f"best autoregressive validation latent MSE {best_val:.5f}; checkpoint {out_dir / 'best_dynamics.pt'}")
+        panels = [["loss/train_latent", "loss/val_ar_latent", "loss/val_tf_latent"], ["loss/train_reward", "loss/val_ar_reward"],
+                  ["teacher_forcing"]]
+        if probe is not None:
+            panels.insert(2, ["eval/val_ar_tile_error", "eval/val_tf_tile_error"])
+        log.plot(panels, title="v1 latent dynamics" + (" (teacher forcing)" if args.no_scheduled_sampling else ""))
+    print(f"best autoregressive validation loss {best_val:.5f}; checkpoint {out_dir / 'best_dynamics.pt'}")
 
 
 if __name__ == "__main__":

@@ -82,13 +82,47 @@ def test_planner_picks_the_best_scored_candidate():
     planner = _random_planner()
     frame = np.random.default_rng(0).integers(0, 256, (36, 40, 3), dtype=np.uint8)
     goal = Goal(map_id=0, x=3, y=4)
-    for plan in (planner.plan_mpc(frame, goal), planner.plan_cem(frame, goal, population=32, iterations=3)):
+    for path, plan in ((False, planner.plan_mpc(frame, goal)), (True, planner.plan_cem(frame, goal, population=32, iterations=3))):
         assert plan.scores[plan.best] == plan.scores.max()
         assert (plan.actions == plan.candidates[plan.best]).all()
-        # re-imagining the chosen sequence gives the reported score
-        _, _, score = planner.evaluate(planner.encode(frame), plan.actions[None], goal)
+        # re-imagining the chosen sequence gives the reported score (MPC: final latent, CEM: best step)
+        _, _, score = planner.evaluate(planner.encode(frame), plan.actions[None], goal, path=path)
         assert score.item() == pytest.approx(plan.scores[plan.best], abs=1e-3)
         assert plan.path_xy.shape == (15, 2) and plan.final_frame.shape == (36, 40, 3)
+
+
+def test_path_score_takes_the_best_step_less_its_cost():
+    """A plan that stands on the goal at step 2 and walks on beats one that ends a tile short."""
+    goal = Goal(map_id=1, x=5, y=5)
+    steps = 4
+    xy = torch.tensor([[[3.0, 5.0], [5.0, 5.0], [6.0, 5.0], [8.0, 5.0]],  # on the goal at step 2
+                       [[2.0, 5.0], [3.0, 5.0], [4.0, 5.0], [4.0, 5.0]]])  # ends one tile short
+    logits = torch.full((2, steps, 256), -10.0)
+    logits[..., 1] = 10.0
+    out = {"xy": xy, "map_logits": logits, "battle_logit": torch.full((2, steps), -1.0),
+           "dialog_logit": torch.full((2, steps), -1.0)}
+    path = LatentPlanner.score_path(out, goal, step_cost=0.25)
+    assert path.tolist() == pytest.approx([1000.0 - 0.5, 999.0 - 0.75])
+    final = LatentPlanner.score({k: v[:, -1] for k, v in out.items()}, goal)
+    assert final[0] < final[1]  # the original's final-latent score prefers the other one
+
+
+def test_probe_loss_trains_the_dynamics_not_the_probe():
+    torch.manual_seed(0)
+    probe = RamProbe(ProbeConfig()).requires_grad_(False)
+    dynamics = LatentDynamics(DynamicsConfig(probe_scale=2.0))
+    z, actions, rewards = torch.randn(3, 6, 32), torch.randint(0, 8, (3, 6)), torch.zeros(3, 6)
+    places = {"xy": torch.randint(0, 20, (3, 6, 2)).float(), "map_id": torch.randint(0, 5, (3, 6))}
+    total, parts = dynamics.loss(z, actions, rewards, 0.5, probe, places)
+    assert set(parts) == {"latent", "reward", "probe"} and parts["probe"] > 0
+    assert total.item() == pytest.approx(parts["latent"] + parts["reward"] + 2.0 * parts["probe"], rel=1e-5)
+    total.backward()
+    assert dynamics.head[0].weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in probe.parameters())
+    with pytest.raises(ValueError, match="probe"):
+        dynamics.loss(z, actions, rewards, 0.5)
+    # probe_scale 0 is the original's loss: the probe is not consulted
+    assert set(LatentDynamics(DynamicsConfig()).loss(z, actions, rewards, 0.5, probe, places)[1]) == {"latent", "reward"}
 
 
 # --- every v1 script, end to end, on real collected data ------------------------------------------
@@ -119,6 +153,9 @@ def v1_run(collected_data, tmp_path_factory):
     ok("train_dynamics.py", *dyn, "--epochs", 3, "--decay-epochs", 2, "--out-dir", out / "ss",
        "--resume", out / "ss" / "dynamics_latest.pt")
     ok("train_dynamics.py", *dyn, "--epochs", 1, "--no-scheduled-sampling", "--out-dir", out / "tf")
+    probe = out / "probe" / "best_probe.pt"
+    ok("train_dynamics.py", *dyn, "--epochs", 2, "--decay-epochs", 1, "--probe-checkpoint", probe, "--probe-scale", 1,
+       "--out-dir", out / "ssp")
     return {"data": data, "out": out, "vae": vae, "probe": out / "probe" / "best_probe.pt",
             "ss": out / "ss" / "best_dynamics.pt", "tf": out / "tf" / "best_dynamics.pt"}
 
@@ -137,6 +174,10 @@ def test_training_outputs(v1_run):
     assert [r["teacher_forcing"] for r in ss] == pytest.approx([1.0, 0.6, 0.2])
     tf = json.loads((out / "tf" / "metrics.json").read_text())
     assert tf[0]["teacher_forcing"] == 1.0 and math.isfinite(tf[0]["loss/val_ar_latent"])
+    # with the probe loss: its terms in training and validation, and the open-loop tile error every epoch
+    ssp = json.loads((out / "ssp" / "metrics.json").read_text())
+    assert len(ssp) == 2 and all(math.isfinite(r[k]) for r in ssp for k in
+                                 ("loss/train_probe", "loss/val_ar_probe", "eval/val_ar_tile_error", "eval/val_tf_tile_error"))
 
 
 def test_evaluate_drift_table(v1_run, tmp_path):
