@@ -108,8 +108,9 @@ class LatentPlanner:
         scores = self.score_path(out, goal) if path else self.score({k: v[:, -1] for k, v in out.items()}, goal)
         return latents, out, scores
 
-    def _plan(self, z0, candidates, goal, path: bool = False) -> Plan:
+    def _plan(self, z0, candidates, goal, path: bool = False, banned_first=frozenset()) -> Plan:
         latents, out, scores = self.evaluate(z0, candidates, goal, path)
+        scores = self._ban(scores, candidates, banned_first)
         best = int(scores.argmax())
         return Plan(
             actions=candidates[best].copy(),
@@ -134,6 +135,7 @@ class LatentPlanner:
         iterations: int = 4,
         smoothing: float = 0.3,
         rng: np.random.Generator | None = None,
+        banned_first: frozenset = frozenset(),
     ) -> Plan:
         """Cross-entropy method over per-step action distributions, seeded with the macros.
 
@@ -141,7 +143,8 @@ class LatentPlanner:
         the `elites` best and moves the categoricals toward their action frequencies. The best
         sequence so far is carried into every round, so the result scores at least as well as the
         best macro-sequence (the rollout is deterministic). Sequences are scored by their path
-        (`score_path`).
+        (`score_path`). Sequences starting with an action in `banned_first` are never chosen
+        (the policy bans a first action that changed nothing in the real game twice in a row).
         """
         rng = rng or np.random.default_rng(0)
         z0 = self.encode(frame)
@@ -152,13 +155,21 @@ class LatentPlanner:
             draws = (rng.random((population, length, 1)) > cum[None]).sum(-1).clip(0, 7)  # (P, L)
             candidates = np.concatenate([carry, draws]).astype(np.int64)
             _, _, scores = self.evaluate(z0, candidates, goal, path=True)
+            scores = self._ban(scores, candidates, banned_first)
             order = scores.argsort(descending=True).cpu().numpy()
             elite = candidates[order[:elites]]  # (E, L)
             freq = np.stack([(elite == a).mean(0) for a in range(8)], -1)  # (L, 8)
             probs = smoothing * probs + (1 - smoothing) * freq
             probs = (probs + 1e-3) / (probs + 1e-3).sum(-1, keepdims=True)  # keep every action possible
             carry = elite[:1]
-        return self._plan(z0, candidates, goal, path=True)
+        return self._plan(z0, candidates, goal, path=True, banned_first=banned_first)
+
+    @staticmethod
+    def _ban(scores: torch.Tensor, candidates: np.ndarray, banned_first) -> torch.Tensor:
+        if not banned_first:
+            return scores
+        banned = torch.from_numpy(np.isin(candidates[:, 0], list(banned_first))).to(scores.device)
+        return scores.masked_fill(banned, -1e9)
 
 
 def greedy_action(x: int, y: int, goal: Goal, blocked: set, rng: np.random.Generator) -> int:
@@ -179,24 +190,51 @@ def greedy_action(x: int, y: int, goal: Goal, blocked: set, rng: np.random.Gener
 # --- policies for goal episodes in the emulator --------------------------------------------------
 class PlannerPolicy:
     """World-model planner (MPC or CEM): plan from the current frame, run the first
-    `execute_steps` actions of the plan, then replan."""
+    `execute_steps` actions of the plan, then replan.
+
+    CEM (ours) also watches the real frames: a first action after which the frame stayed the same
+    (under `still` of its pixels changed: a wall, or a press that only turned the player) twice in
+    a row is banned until the frame changes, so a model that imagines walking through a wall does
+    not replan the same blocked step forever. No RAM is read. MPC stays the original's.
+    """
 
     def __init__(self, planner: LatentPlanner, method: str = "mpc", horizon: int = 15, execute_steps: int = 5, seed: int = 0,
-                 plan_kwargs: dict | None = None):
+                 plan_kwargs: dict | None = None, still: float = 0.03):
         self.planner, self.method, self.horizon, self.execute_steps = planner, method, horizon, execute_steps
         self.plan_kwargs = plan_kwargs or {}  # e.g. population / iterations for CEM
+        self.still = still
         self.rng = np.random.default_rng(seed)
-        self.queue, self.last_plan = [], None
+        self.reset(None)
 
-    def reset(self, goal: Goal) -> None:
+    def reset(self, goal: Goal | None) -> None:
         self.goal, self.queue, self.last_plan = goal, [], None
+        self.last_obs, self.last_action, self.fails, self.banned = None, None, {}, set()
+
+    def _watch(self, obs: np.ndarray) -> None:
+        """Count presses that left the frame (nearly) unchanged; ban a first action after two."""
+        if self.last_obs is None:
+            return
+        changed = (obs != self.last_obs).any(-1).mean()  # fraction of pixels that changed
+        if changed < self.still:
+            self.fails[self.last_action] = self.fails.get(self.last_action, 0) + 1
+            if self.fails[self.last_action] >= 2:
+                self.banned.add(self.last_action)
+                self.queue = []  # replan now, without it
+        else:
+            self.fails, self.banned = {}, set()
 
     def act(self, obs: np.ndarray, state) -> int:
+        if self.method == "cem":
+            self._watch(obs)
         if not self.queue:
-            plan_fn = self.planner.plan_cem if self.method == "cem" else self.planner.plan_mpc
-            self.last_plan = plan_fn(obs, self.goal, length=self.horizon, rng=self.rng, **self.plan_kwargs)
+            if self.method == "cem":
+                self.last_plan = self.planner.plan_cem(obs, self.goal, length=self.horizon, rng=self.rng,
+                                                       banned_first=frozenset(self.banned), **self.plan_kwargs)
+            else:
+                self.last_plan = self.planner.plan_mpc(obs, self.goal, length=self.horizon, rng=self.rng, **self.plan_kwargs)
             self.queue = list(self.last_plan.actions[: self.execute_steps])
-        return int(self.queue.pop(0))
+        self.last_obs, self.last_action = obs.copy(), int(self.queue.pop(0))
+        return self.last_action
 
 
 class GreedyPolicy:
@@ -260,6 +298,26 @@ def sample_goal(env, state_index: int, rng: np.random.Generator, radius: int = 1
         return None
     x, y = sorted(tiles)[int(rng.integers(len(tiles)))]
     return Goal(start.map_id, x, y)
+
+
+def walk_start_states(env, count: int, steps: int, seed: int = 0) -> list:
+    """`count` save states reached by the scripted explorer walking `steps` actions (and on, up to
+    200 more, until no battle or text box is open) from the env's start states in turn: goal
+    episodes that begin all over the world, not only on the game's first tile."""
+    from explorer import ExplorePolicy
+    from save_states import save_state_bytes
+
+    states = []
+    for i in range(count):
+        policy = ExplorePolicy(np.random.default_rng([seed, i]))
+        obs, info = env.reset(options={"state_index": i % len(env.start_states)})
+        for t in range(steps + 200):
+            state = info["state"]
+            if t >= steps and not state.in_battle and not state.dialog_open:
+                break
+            obs, _, _, _, info = env.step(policy.act(obs, state))
+        states.append(save_state_bytes(env.pyboy))
+    return states
 
 
 def run_goal_episode(env, state_index: int, goal: Goal, policy, max_steps: int = 60, on_step=None) -> dict:

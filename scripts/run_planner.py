@@ -4,7 +4,9 @@
         --probe-checkpoint checkpoints/probe_v1/best_probe.pt --checkpoint checkpoints/dynamics_v1/best_dynamics.pt
 
 Goals are tiles on the start map, 2..--goal-radius tiles (Manhattan) from the start, that a random
-walk from the start state stood on (so they are reachable). For every goal each policy starts
+walk from the start state stood on (so they are reachable). With --start-walk N the start states
+are first moved: the scripted explorer walks N actions from the game's start (a different walk for
+each of --start-states), so goals lie on many maps and places. For every goal each policy starts
 from the same state and has --max-steps actions to stand on the goal tile:
   mpc     the original's planner: the fixed macro-sequences of --horizon actions, imagined in the
           latent model, scored by the probe on the final latent; runs --execute-steps, replans
@@ -25,7 +27,7 @@ from env import DEFAULT_ROM, PokemonEnv
 from checkpoint import resolve_device
 from errors import UserError, cli
 from latents import load_network
-from planner import GreedyPolicy, LatentPlanner, PlannerPolicy, RandomPolicy, run_goal_episode, sample_goal
+from planner import GreedyPolicy, LatentPlanner, PlannerPolicy, RandomPolicy, run_goal_episode, sample_goal, walk_start_states
 
 DESCRIPTIONS = {
     "mpc": "world model + macro MPC (original)",
@@ -40,6 +42,8 @@ def parse_args(argv=None):
     p.add_argument("--rom", default=str(DEFAULT_ROM), help="Game Boy ROM (default: the open cartridge)")
     p.add_argument("--save-state", nargs="+", default=None, help="start save state file(s); default: made in memory from the ROM")
     p.add_argument("--start-states", type=int, default=2, help="start states made in memory when --save-state is not given")
+    p.add_argument("--start-walk", type=int, default=0,
+                   help="walk the scripted explorer this many actions from the start to make each start state (0: the game's start)")
     p.add_argument("--vae-checkpoint", default="checkpoints/vae_v1/best_vae.pt", help="v1 VAE (its frame size sets the env resolution)")
     p.add_argument("--probe-checkpoint", default="checkpoints/probe_v1/best_probe.pt", help="v1 RAM probe used to score plans")
     p.add_argument("--checkpoint", default="checkpoints/dynamics_v1/best_dynamics.pt", help="v1 latent dynamics used to imagine plans")
@@ -60,6 +64,8 @@ def parse_args(argv=None):
     for name in ("start_states", "goals", "goal_radius", "max_steps", "horizon", "execute_steps", "cem_population", "cem_iterations"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)} must be at least 1")
+    if args.start_walk < 0:
+        raise UserError(f"--start-walk {args.start_walk} must be >= 0")
     if not 0 <= args.min_distance <= args.goal_radius:
         raise UserError(f"--min-distance {args.min_distance} must be between 0 and --goal-radius {args.goal_radius}")
     args.device = resolve_device(args.device)
@@ -83,8 +89,10 @@ def summarise(results: list) -> dict:
             "median_steps_to_goal": float(np.median(steps)) if steps else None}
 
 
-def markdown(summary: dict, args, goal_distances: list) -> str:
-    lines = [f"Goal reaching on the open cartridge: {len(goal_distances)} goals on the start map, "
+def markdown(summary: dict, args, goal_distances: list, starts: set) -> str:
+    maps = sorted({m for m, _, _ in starts})
+    lines = [f"Goal reaching on the open cartridge: {len(goal_distances)} goals on the start map, from {len(starts)} start "
+             f"tile(s) on map(s) {', '.join(f'0x{m:02X}' for m in maps)}, "
              f"{min(goal_distances)}..{max(goal_distances)} tiles away (mean {np.mean(goal_distances):.1f}), "
              f"{args.max_steps} actions allowed; plans of {args.horizon}, {args.execute_steps} actions run before replanning.",
              "", "| Policy | Success rate | Mean steps to goal (successes) | Median steps |", "|---|---|---|---|"]
@@ -103,6 +111,8 @@ def main(argv=None):
     env = PokemonEnv(rom=args.rom, save_states=args.save_state, resolution=(vae_config.height, vae_config.width),
                      ticks_per_action=args.ticks_per_action, episode_length=10 ** 9, start_state_count=args.start_states)
     try:
+        if args.start_walk:
+            env.start_states = walk_start_states(env, args.start_states, args.start_walk, args.seed)
         rng = np.random.default_rng(args.seed)
         goals = []
         for i in tqdm(range(args.goals), desc="sampling goals", unit="goal", leave=False):
@@ -126,7 +136,8 @@ def main(argv=None):
         env.close()
     summary = {name: summarise(r) for name, r in results.items()}
     distances = [r["distance"] for r in results["random"]]
-    table = markdown(summary, args, distances)
+    starts = {(r["goal"][0], *r["start"]) for r in results["random"]}
+    table = markdown(summary, args, distances, starts)
     out_dir = Path(args.out_dir)
     write_json(out_dir / "planner.json", {"args": vars(args), "summary": summary, "episodes": results})
     write_text(out_dir / "planner.md", table)

@@ -109,9 +109,12 @@ def main(argv=None):
 
     def window_fields(starts):
         """Actions and rewards (N, T), RAM tile (x, y) (N, T, 2) and map id (N, T) of windows."""
-        batch = data.seqs.get_batch(starts)
-        fields = {"actions": batch["actions"], "rewards": batch["rewards"], "map_id": batch["map_ids"].long(),
-                  "xy": torch.stack([batch["xs"], batch["ys"]], -1).float()}
+        rows = np.asarray(starts)[:, None] + np.arange(args.seq_len)  # (N, T) global rows; frames are not copied
+        a = data.seqs.arrays
+        fields = {"actions": torch.from_numpy(a["actions"][rows].astype(np.int64)),
+                  "rewards": torch.from_numpy(a["rewards"][rows].astype(np.float32)),
+                  "map_id": torch.from_numpy(a["map_ids"][rows].astype(np.int64)),
+                  "xy": torch.from_numpy(np.stack([a["xs"][rows], a["ys"][rows]], -1).astype(np.float32))}
         return {k: v.to(args.device) for k, v in fields.items()}
 
     train_fields = window_fields(data.train_starts)

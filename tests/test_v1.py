@@ -9,7 +9,7 @@ import torch
 
 from conftest import REPO, run_script
 from models import VAE, DynamicsConfig, LatentDynamics, ProbeConfig, RamProbe, VAEConfig
-from planner import Goal, LatentPlanner, candidate_macros
+from planner import Goal, LatentPlanner, PlannerPolicy, candidate_macros
 
 torch.set_num_threads(1)
 
@@ -89,6 +89,33 @@ def test_planner_picks_the_best_scored_candidate():
         _, _, score = planner.evaluate(planner.encode(frame), plan.actions[None], goal, path=path)
         assert score.item() == pytest.approx(plan.scores[plan.best], abs=1e-3)
         assert plan.path_xy.shape == (15, 2) and plan.final_frame.shape == (36, 40, 3)
+
+
+def test_cem_never_starts_with_a_banned_action():
+    planner = _random_planner()
+    frame = np.random.default_rng(1).integers(0, 256, (36, 40, 3), dtype=np.uint8)
+    plan = planner.plan_cem(frame, Goal(0, 3, 4), population=32, iterations=2, banned_first=frozenset(range(7)))
+    assert plan.actions[0] == 7 and plan.scores[plan.best] == plan.scores.max()
+
+
+def test_policy_bans_a_press_that_changed_nothing_twice():
+    planner = _random_planner()
+    policy = PlannerPolicy(planner, method="cem", horizon=5, execute_steps=3, plan_kwargs={"population": 16, "iterations": 1})
+    policy.reset(Goal(0, 3, 4))
+    rng = np.random.default_rng(2)
+    frame, moved = (rng.integers(0, 256, (36, 40, 3), dtype=np.uint8) for _ in range(2))
+    first = policy.act(frame, None)
+    assert policy.fails == {} and policy.banned == set()
+    still = frame.copy()
+    still[0, 0] = 255 - still[0, 0]  # one pixel: under the 3% that counts as a change
+    second = policy.act(still, None)  # the same scene after `first`: one failure, from the queued plan
+    assert policy.fails == {first: 1} and policy.banned == set()
+    policy.last_action = first  # `first` pressed again and the frame stays: banned, and replanned at once
+    third = policy.act(still, None)
+    assert first in policy.banned and policy.last_plan.actions[0] != first and third != first
+    policy.act(moved, None)  # the scene changed: everything may be tried again
+    assert policy.banned == set() and policy.fails == {}
+    assert second in range(8)
 
 
 def test_path_score_takes_the_best_step_less_its_cost():
@@ -211,12 +238,15 @@ def test_user_error_is_one_line_exit_2(v1_run, tmp_path, capsys):
 def test_run_planner(v1_run, start_state_file, tmp_path):
     done = run("run_planner.py", "--save-state", start_state_file, "--vae-checkpoint", v1_run["vae"],
                       "--probe-checkpoint", v1_run["probe"], "--checkpoint", v1_run["ss"], "--goals", 2,
-                      "--max-steps", 6, "--cem-population", 16, "--cem-iterations", 2, "--out-dir", tmp_path, "--device", "cpu")
+                      "--max-steps", 6, "--cem-population", 16, "--cem-iterations", 2, "--out-dir", tmp_path, "--device", "cpu",
+                      "--start-walk", 30, "--start-states", 2)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp_path / "planner.json").read_text())
     assert set(report["summary"]) == {"mpc", "cem", "greedy", "random"}
     for episodes in report["episodes"].values():
         assert len(episodes) == 2 and all(2 <= e["distance"] <= 10 for e in episodes)
+    # the explorer walked 30 actions to make each start state: not the game's first tile (3, 5) any more
+    assert any(e["start"] != [3, 5] for e in report["episodes"]["random"])
     assert "| random: random buttons |" in (tmp_path / "planner.md").read_text()
 
 
