@@ -267,9 +267,9 @@ class PokemonDataset:
         is_val = np.isin(self.segment_ids[self.window_starts], val_episodes)
         return self.window_starts[~is_val], self.window_starts[is_val]
 
-    def get_batch(self, starts) -> dict:
+    def get_batch(self, starts, keys=None) -> dict:
         """Windows beginning at the global rows `starts` (taken from window_starts or split())
-        -> dict of (B, T, ...) tensors."""
+        -> dict of (B, T, ...) tensors; only `keys` of them if given (leave out "obs" and no frame is copied)."""
         import torch
 
         starts = np.asarray(starts, dtype=np.int64).reshape(-1)
@@ -280,22 +280,20 @@ class PokemonDataset:
             values = a[key][index]
             return torch.from_numpy(values if dtype is None else values.astype(dtype))
 
-        return {
-            "obs": take("obs"),                                   # (B, T, H, W, 3) uint8
-            "actions": take("actions", np.int64),
-            "rewards": take("rewards"),
-            "continues": torch.from_numpy(1.0 - a["terminals"][index].astype(np.float32)),
-            "episode_starts": take("episode_starts"),
-            "map_ids": take("map_ids", np.int64),
-            "xs": take("xs", np.int64),
-            "ys": take("ys", np.int64),
-            "facings": take("facings", np.int64),
-            "in_battles": take("in_battles"),
-            "dialog_opens": take("dialog_opens"),
-            "badges": take("badges", np.int64),
-            "party_hps": take("party_hps", np.float32),          # (B, T, 6)
-            "party_max_hps": take("party_max_hps", np.float32),
+        def continues():
+            return torch.from_numpy(1.0 - a["terminals"][index].astype(np.float32))
+
+        fields = {  # key -> dtype of its tensor (None: as stored)
+            "obs": None,  # (B, T, H, W, 3) uint8
+            "actions": np.int64, "rewards": None, "continues": None, "episode_starts": None,
+            "map_ids": np.int64, "xs": np.int64, "ys": np.int64, "facings": np.int64,
+            "in_battles": None, "dialog_opens": None, "badges": np.int64,
+            "party_hps": np.float32, "party_max_hps": np.float32,  # (B, T, 6)
         }
+        unknown = set(keys or ()) - fields.keys()
+        if unknown:
+            raise KeyError(f"get_batch: no field {sorted(unknown)}; the fields are {sorted(fields)}")
+        return {key: continues() if key == "continues" else take(key, fields[key]) for key in (keys or fields)}
 
     def __getitem__(self, i) -> dict:
         batch = self.get_batch([self.window_starts[i]])

@@ -167,6 +167,10 @@ class LatentDynamics(nn.Module):
         rollout must stay readable as the right place, not only near in latent MSE.
         """
         pred_z, pred_r = self.unroll(z, actions, teacher_forcing)
+        return self.loss_of(pred_z, pred_r, z, rewards, probe, places)
+
+    def loss_of(self, pred_z, pred_r, z, rewards, probe=None, places=None):
+        """`loss` of predictions already unrolled: pred_z (B,T-1,D) and pred_r (B,T-1) against z (B,T,D), rewards (B,T)."""
         losses = {"latent": F.mse_loss(pred_z, z[:, 1:]), "reward": F.mse_loss(pred_r, rewards[:, :-1])}
         weights = {"latent": 1.0, "reward": self.config.reward_scale}
         if self.config.probe_scale > 0:

@@ -16,7 +16,9 @@ import numpy as np
 import torch
 
 from dataset import frames_to_float
+from explorer import ExplorePolicy
 from models import VAE, LatentDynamics, RamProbe
+from save_states import save_state_bytes
 
 DOWN, LEFT, RIGHT, UP, A, B, START, PASS = range(8)  # env.ACTIONS order
 MOVES = (DOWN, LEFT, RIGHT, UP)
@@ -108,9 +110,8 @@ class LatentPlanner:
         scores = self.score_path(out, goal) if path else self.score({k: v[:, -1] for k, v in out.items()}, goal)
         return latents, out, scores
 
-    def _plan(self, z0, candidates, goal, path: bool = False, banned_first=frozenset()) -> Plan:
-        latents, out, scores = self.evaluate(z0, candidates, goal, path)
-        scores = self._ban(scores, candidates, banned_first)
+    def _plan(self, candidates, latents, out, scores) -> Plan:
+        """The best-scored of evaluated `candidates` as a Plan."""
         best = int(scores.argmax())
         return Plan(
             actions=candidates[best].copy(),
@@ -123,7 +124,8 @@ class LatentPlanner:
 
     def plan_mpc(self, frame: np.ndarray, goal: Goal, length: int = 15, rng: np.random.Generator | None = None) -> Plan:
         """Score the fixed macro candidates and return the best."""
-        return self._plan(self.encode(frame), candidate_macros(length, rng=rng), goal)
+        candidates = candidate_macros(length, rng=rng)
+        return self._plan(candidates, *self.evaluate(self.encode(frame), candidates, goal))
 
     def plan_cem(
         self,
@@ -154,7 +156,7 @@ class LatentPlanner:
             cum = probs.cumsum(-1)  # (L, 8)
             draws = (rng.random((population, length, 1)) > cum[None]).sum(-1).clip(0, 7)  # (P, L)
             candidates = np.concatenate([carry, draws]).astype(np.int64)
-            _, _, scores = self.evaluate(z0, candidates, goal, path=True)
+            latents, out, scores = self.evaluate(z0, candidates, goal, path=True)
             scores = self._ban(scores, candidates, banned_first)
             order = scores.argsort(descending=True).cpu().numpy()
             elite = candidates[order[:elites]]  # (E, L)
@@ -162,7 +164,7 @@ class LatentPlanner:
             probs = smoothing * probs + (1 - smoothing) * freq
             probs = (probs + 1e-3) / (probs + 1e-3).sum(-1, keepdims=True)  # keep every action possible
             carry = elite[:1]
-        return self._plan(z0, candidates, goal, path=True, banned_first=banned_first)
+        return self._plan(candidates, latents, out, scores)  # the last round's candidates, as scored there
 
     @staticmethod
     def _ban(scores: torch.Tensor, candidates: np.ndarray, banned_first) -> torch.Tensor:
@@ -188,6 +190,30 @@ def greedy_action(x: int, y: int, goal: Goal, blocked: set, rng: np.random.Gener
 
 
 # --- policies for goal episodes in the emulator --------------------------------------------------
+class StuckPresses:
+    """Presses that made no progress twice in a row since the last one that did (a wall, or a
+    press in a new direction, which only turns the player): the greedy walker judges progress by
+    its RAM position, the CEM planner by the frame."""
+
+    def __init__(self, after: int = 2):
+        self.after = after
+        self.clear()
+
+    def clear(self) -> None:
+        self.fails, self.banned = {}, set()
+
+    def record(self, action: int, progressed: bool) -> bool:
+        """Note the outcome of `action`; True when it has just been banned."""
+        if progressed:
+            self.clear()
+            return False
+        self.fails[action] = self.fails.get(action, 0) + 1
+        if self.fails[action] >= self.after and action not in self.banned:
+            self.banned.add(action)
+            return True
+        return False
+
+
 class PlannerPolicy:
     """World-model planner (MPC or CEM): plan from the current frame, run the first
     `execute_steps` actions of the plan, then replan.
@@ -208,30 +234,19 @@ class PlannerPolicy:
 
     def reset(self, goal: Goal | None) -> None:
         self.goal, self.queue, self.last_plan = goal, [], None
-        self.last_obs, self.last_action, self.fails, self.banned = None, None, {}, set()
-
-    def _watch(self, obs: np.ndarray) -> None:
-        """Count presses that left the frame (nearly) unchanged; ban a first action after two."""
-        if self.last_obs is None:
-            return
-        changed = (obs != self.last_obs).any(-1).mean()  # fraction of pixels that changed
-        if changed < self.still:
-            self.fails[self.last_action] = self.fails.get(self.last_action, 0) + 1
-            if self.fails[self.last_action] >= 2:
-                self.banned.add(self.last_action)
-                self.queue = []  # replan now, without it
-        else:
-            self.fails, self.banned = {}, set()
+        self.last_obs, self.last_action, self.stuck = None, None, StuckPresses()
 
     def act(self, obs: np.ndarray, state) -> int:
+        kwargs = dict(self.plan_kwargs)
         if self.method == "cem":
-            self._watch(obs)
+            if self.last_obs is not None:
+                changed = (obs != self.last_obs).any(-1).mean()  # fraction of pixels that changed
+                if self.stuck.record(self.last_action, progressed=changed >= self.still):
+                    self.queue = []  # replan now, without it
+            kwargs["banned_first"] = frozenset(self.stuck.banned)
         if not self.queue:
-            if self.method == "cem":
-                self.last_plan = self.planner.plan_cem(obs, self.goal, length=self.horizon, rng=self.rng,
-                                                       banned_first=frozenset(self.banned), **self.plan_kwargs)
-            else:
-                self.last_plan = self.planner.plan_mpc(obs, self.goal, length=self.horizon, rng=self.rng, **self.plan_kwargs)
+            plan_fn = self.planner.plan_cem if self.method == "cem" else self.planner.plan_mpc
+            self.last_plan = plan_fn(obs, self.goal, length=self.horizon, rng=self.rng, **kwargs)
             self.queue = list(self.last_plan.actions[: self.execute_steps])
         self.last_obs, self.last_action = obs.copy(), int(self.queue.pop(0))
         return self.last_action
@@ -244,18 +259,13 @@ class GreedyPolicy:
         self.rng = np.random.default_rng(seed)
 
     def reset(self, goal: Goal) -> None:
-        self.goal, self.blocked, self.last, self.fails = goal, set(), None, {}
+        self.goal, self.last, self.stuck = goal, None, StuckPresses()
 
     def act(self, obs: np.ndarray, state) -> int:
         position = (state.map_id, state.x, state.y)
-        if self.last is not None and self.last[0] == position:
-            # the last press did not move us; the first press in a new direction only turns the player
-            self.fails[self.last[1]] = self.fails.get(self.last[1], 0) + 1
-            if self.fails[self.last[1]] >= 2:
-                self.blocked.add(self.last[1])
-        elif self.last is not None:
-            self.blocked, self.fails = set(), {}
-        action = greedy_action(state.x, state.y, self.goal, self.blocked, self.rng)
+        if self.last is not None:
+            self.stuck.record(self.last[1], progressed=self.last[0] != position)
+        action = greedy_action(state.x, state.y, self.goal, self.stuck.banned, self.rng)
         self.last = (position, action)
         return action
 
@@ -304,9 +314,6 @@ def walk_start_states(env, count: int, steps: int, seed: int = 0) -> list:
     """`count` save states reached by the scripted explorer walking `steps` actions (and on, up to
     200 more, until no battle or text box is open) from the env's start states in turn: goal
     episodes that begin all over the world, not only on the game's first tile."""
-    from explorer import ExplorePolicy
-    from save_states import save_state_bytes
-
     states = []
     for i in range(count):
         policy = ExplorePolicy(np.random.default_rng([seed, i]))

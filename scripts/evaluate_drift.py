@@ -57,7 +57,7 @@ def drift_curves(dynamics, probe, table, data, starts, steps, batch_size) -> dic
     mse, tile, floor, static = torch.zeros(steps), torch.zeros(steps), torch.zeros(steps), torch.zeros(steps)
     for i in tqdm(range(0, len(starts), batch_size), desc="rollouts", unit="batch", leave=False):
         chunk = starts[i:i + batch_size]
-        batch = data.seqs.get_batch(chunk)
+        batch = data.seqs.get_batch(chunk, keys=("actions", "xs", "ys"))  # no frames: the latents are in `table`
         z = table.windows(chunk, data.seq_len)  # (B, T, D)
         actions = batch["actions"][:, :steps].to(z.device)  # a_0 .. a_{K-1}
         pred, _ = dynamics.rollout(z[:, 0], actions)  # (B, K, D): z_1 .. z_K

@@ -6,14 +6,13 @@
 The teacher-forcing ratio (chance that a step's input is the true latent rather than the model's
 own prediction) decays linearly from 1.0 at the first epoch to --min-teacher-forcing at epoch
 --decay-epochs and stays there; --no-scheduled-sampling keeps it at 1.0. The best checkpoint
-(best_dynamics.pt) has the lowest autoregressive validation loss: latent MSE of an open-loop
-rollout from the first latent of each held-out window. dynamics_latest.pt is for --resume.
+(best_dynamics.pt) has the lowest autoregressive validation loss: latent MSE + --reward-scale x
+reward MSE of an open-loop rollout from the first latent of each held-out window. dynamics_latest.pt is for --resume.
 
 Beyond the original: --probe-checkpoint with --probe-scale > 0 adds a frozen RAM probe's reading
 of every predicted latent to the loss (position MSE + map cross-entropy against RAM), and with a
 probe given the log reports the open-loop validation tile error of every epoch; the best
-checkpoint is then the one with the lowest autoregressive validation loss in all (latent + reward
-+ probe terms, as weighted in training).
+checkpoint's validation loss then includes the probe term, as weighted in training.
 """
 import argparse
 import time
@@ -85,10 +84,10 @@ def evaluate(model, table, starts, seq_len, fields, teacher_forcing, probe=None,
     for i in range(0, len(starts), batch_size):
         z = table.windows(starts[i:i + batch_size], seq_len)  # (B, T, D)
         part = {k: v[i:i + batch_size] for k, v in fields.items()}
-        total, parts = model.loss(z, part["actions"], part["rewards"], teacher_forcing, probe, part)
+        pred, pred_r = model.unroll(z, part["actions"], teacher_forcing)  # (B, T-1, D), (B, T-1)
+        total, parts = model.loss_of(pred, pred_r, z, part["rewards"], probe, part)
         parts["total"] = total.item()
         if probe is not None:
-            pred, _ = model.unroll(z, part["actions"], teacher_forcing)
             xy = probe(pred.reshape(-1, pred.shape[-1]))["xy"]  # (B*(T-1), 2)
             parts["tile_error"] = (xy - part["xy"][:, 1:].reshape(-1, 2)).abs().sum(-1).mean().item()
         for k, v in parts.items():
@@ -109,12 +108,9 @@ def main(argv=None):
 
     def window_fields(starts):
         """Actions and rewards (N, T), RAM tile (x, y) (N, T, 2) and map id (N, T) of windows."""
-        rows = np.asarray(starts)[:, None] + np.arange(args.seq_len)  # (N, T) global rows; frames are not copied
-        a = data.seqs.arrays
-        fields = {"actions": torch.from_numpy(a["actions"][rows].astype(np.int64)),
-                  "rewards": torch.from_numpy(a["rewards"][rows].astype(np.float32)),
-                  "map_id": torch.from_numpy(a["map_ids"][rows].astype(np.int64)),
-                  "xy": torch.from_numpy(np.stack([a["xs"][rows], a["ys"][rows]], -1).astype(np.float32))}
+        batch = data.seqs.get_batch(starts, keys=("actions", "rewards", "map_ids", "xs", "ys"))  # no frames
+        fields = {"actions": batch["actions"], "rewards": batch["rewards"], "map_id": batch["map_ids"],
+                  "xy": torch.stack([batch["xs"], batch["ys"]], -1).float()}
         return {k: v.to(args.device) for k, v in fields.items()}
 
     train_fields = window_fields(data.train_starts)

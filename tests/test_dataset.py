@@ -95,6 +95,12 @@ def test_get_batch_values_and_frames_to_float(tmp_path):
     floats = frames_to_float(batch["obs"], "cpu")
     assert floats.shape == (1, 4, 3, *RES) and floats.dtype == torch.float32 and floats.is_contiguous()
     assert torch.allclose(floats[0, 1], torch.full((3, *RES), 7 / 255))
+    # only the fields asked for, equal to the full batch's
+    some = ds.get_batch([6], keys=("actions", "continues", "xs"))
+    assert set(some) == {"actions", "continues", "xs"}
+    assert all(torch.equal(some[k], batch[k]) for k in some)
+    with pytest.raises(KeyError, match="frames"):
+        ds.get_batch([6], keys=("frames",))
 
 
 def test_bad_folders_and_chunks_are_user_errors(tmp_path):

@@ -105,16 +105,16 @@ def test_policy_bans_a_press_that_changed_nothing_twice():
     rng = np.random.default_rng(2)
     frame, moved = (rng.integers(0, 256, (36, 40, 3), dtype=np.uint8) for _ in range(2))
     first = policy.act(frame, None)
-    assert policy.fails == {} and policy.banned == set()
+    assert policy.stuck.fails == {} and policy.stuck.banned == set()
     still = frame.copy()
     still[0, 0] = 255 - still[0, 0]  # one pixel: under the 3% that counts as a change
     second = policy.act(still, None)  # the same scene after `first`: one failure, from the queued plan
-    assert policy.fails == {first: 1} and policy.banned == set()
+    assert policy.stuck.fails == {first: 1} and policy.stuck.banned == set()
     policy.last_action = first  # `first` pressed again and the frame stays: banned, and replanned at once
     third = policy.act(still, None)
-    assert first in policy.banned and policy.last_plan.actions[0] != first and third != first
+    assert first in policy.stuck.banned and policy.last_plan.actions[0] != first and third != first
     policy.act(moved, None)  # the scene changed: everything may be tried again
-    assert policy.banned == set() and policy.fails == {}
+    assert policy.stuck.banned == set() and policy.stuck.fails == {}
     assert second in range(8)
 
 
