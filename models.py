@@ -99,9 +99,16 @@ class DynamicsConfig:
     # weight of a frozen RAM probe's position and map read off the predicted latents against RAM's
     # (0: the original's loss, latent MSE + reward only)
     probe_scale: float = 0.0
+    # ours: the GRU state starts from z_0 through a learned layer (False: zeros, the original)
+    init_from_latent: bool = False
+    # ours: weight of RAM heads on the GRU state (tile position, map, facing after each action), which
+    # teach the state to track where the player is and which way it faces (0: none, the original)
+    state_scale: float = 0.0
+    num_maps: int = 256  # map-id classes of the state heads
 
     def __post_init__(self):
-        if min(self.latent_dim, self.num_actions, self.action_embed, self.hidden) < 1 or self.probe_scale < 0:
+        if (min(self.latent_dim, self.num_actions, self.action_embed, self.hidden, self.num_maps) < 1
+                or self.probe_scale < 0 or self.state_scale < 0):
             raise ValueError(f"bad DynamicsConfig {self}")
 
 
@@ -115,30 +122,42 @@ class LatentDynamics(nn.Module):
         self.cell = nn.GRUCell(config.latent_dim + config.action_embed, config.hidden)
         self.head = nn.Sequential(nn.Linear(config.hidden, config.hidden), nn.ReLU(), nn.Linear(config.hidden, config.latent_dim))
         self.reward_head = nn.Sequential(nn.Linear(config.hidden, 64), nn.ReLU(), nn.Linear(64, 1))
+        if config.init_from_latent:
+            self.init = nn.Linear(config.latent_dim, config.hidden)
+        if config.state_scale > 0:  # (x, y) | map logits | 4 facings, read off h
+            self.state_head = nn.Sequential(nn.Linear(config.hidden, config.hidden), nn.ReLU(),
+                                            nn.Linear(config.hidden, 2 + config.num_maps + 4))
 
-    def initial_state(self, batch: int, device) -> torch.Tensor:
-        return torch.zeros(batch, self.config.hidden, device=device)  # (B, 256)
+    def initial_state(self, z0: torch.Tensor) -> torch.Tensor:
+        """The GRU state before the first action, from the first latent z0 (B,D) -> (B,H)."""
+        if self.config.init_from_latent:
+            return torch.tanh(self.init(z0))
+        return z0.new_zeros(z0.shape[0], self.config.hidden)  # the original: zeros
 
     def step(self, z: torch.Tensor, action: torch.Tensor, h: torch.Tensor):
         """z (B,D), action (B,) int64, h (B,H) -> next z (B,D), reward (B,), next h (B,H)."""
         h = self.cell(torch.cat([z, self.embed(action)], dim=-1), h)  # (B, 256)
         return z + self.head(h), self.reward_head(h).squeeze(-1), h
 
-    def unroll(self, z: torch.Tensor, actions: torch.Tensor, teacher_forcing: float = 1.0, generator=None):
+    def unroll(self, z: torch.Tensor, actions: torch.Tensor, teacher_forcing: float = 1.0, generator=None,
+               states: list | None = None):
         """Predict z_1..z_{T-1} from true latents z (B,T,D) and actions (B,T).
 
         Scheduled sampling: at every step after the first, each sequence's input is the true z_t with
         probability `teacher_forcing`, else the model's own previous prediction (gradients flow through
         it). teacher_forcing=0 is a fully open-loop rollout from z_0.
-        Returns predicted latents (B,T-1,D) and rewards (B,T-1) for actions a_0..a_{T-2}.
+        Returns predicted latents (B,T-1,D) and rewards (B,T-1) for actions a_0..a_{T-2}; a list
+        passed as `states` receives the GRU state after every action (T-1 tensors (B,H)).
         """
         batch, steps, _ = z.shape
-        h = self.initial_state(batch, z.device)
+        h = self.initial_state(z[:, 0])
         z_in, preds, rewards = z[:, 0], [], []
         for t in range(steps - 1):
             z_next, r, h = self.step(z_in, actions[:, t], h)
             preds.append(z_next)
             rewards.append(r)
+            if states is not None:
+                states.append(h)
             if teacher_forcing >= 1.0:
                 z_in = z[:, t + 1]
             elif teacher_forcing <= 0.0:
@@ -148,14 +167,22 @@ class LatentDynamics(nn.Module):
                 z_in = torch.where(use_true, z[:, t + 1], z_next)
         return torch.stack(preds, 1), torch.stack(rewards, 1)
 
-    def rollout(self, z0: torch.Tensor, actions: torch.Tensor):
-        """Open loop from z0 (B,D) with actions (B,K): latents z_1..z_K (B,K,D) and rewards (B,K)."""
-        h, z, preds, rewards = self.initial_state(z0.shape[0], z0.device), z0, [], []
+    def rollout(self, z0: torch.Tensor, actions: torch.Tensor, h0: torch.Tensor | None = None):
+        """Open loop from z0 (B,D) with actions (B,K): latents z_1..z_K (B,K,D) and rewards (B,K).
+        h0 (B,H): a GRU state filtered over real frames so far (`observe`); default: the initial state of z0."""
+        h = self.initial_state(z0) if h0 is None else h0
+        z, preds, rewards = z0, [], []
         for t in range(actions.shape[1]):
             z, r, h = self.step(z, actions[:, t], h)
             preds.append(z)
             rewards.append(r)
         return torch.stack(preds, 1), torch.stack(rewards, 1)
+
+    def observe(self, z: torch.Tensor, action: torch.Tensor, h: torch.Tensor | None) -> torch.Tensor:
+        """The GRU state after taking `action` (B,) from the real frame's latent z (B,D), given the
+        state h before it (None: the first frame): a belief carried along a real episode."""
+        h = self.initial_state(z) if h is None else h
+        return self.cell(torch.cat([z, self.embed(action)], dim=-1), h)
 
     def loss(self, z: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor, teacher_forcing: float = 1.0,
              probe: RamProbe | None = None, places: dict | None = None):
@@ -164,15 +191,33 @@ class LatentDynamics(nn.Module):
         With config.probe_scale > 0, `probe` (frozen) reads every predicted latent and `places`
         ({"xy": (B,T,2) tiles, "map_id": (B,T)} from RAM) says where the player really was: the
         probe's scaled position MSE plus its map cross-entropy is added with that weight, so the
-        rollout must stay readable as the right place, not only near in latent MSE.
+        rollout must stay readable as the right place, not only near in latent MSE. With
+        config.state_scale > 0 the state heads read every GRU state against the same places and
+        `places["facing"]` (B,T) (0..3: down, up, left, right).
         """
-        pred_z, pred_r = self.unroll(z, actions, teacher_forcing)
-        return self.loss_of(pred_z, pred_r, z, rewards, probe, places)
+        states = [] if self.config.state_scale > 0 else None
+        pred_z, pred_r = self.unroll(z, actions, teacher_forcing, states=states)
+        return self.loss_of(pred_z, pred_r, z, rewards, probe, places, states)
 
-    def loss_of(self, pred_z, pred_r, z, rewards, probe=None, places=None):
-        """`loss` of predictions already unrolled: pred_z (B,T-1,D) and pred_r (B,T-1) against z (B,T,D), rewards (B,T)."""
+    def read_state(self, h: torch.Tensor, coord_scale: float = 16.0) -> dict:
+        """The state heads on GRU states h (N,H): tile (x, y) (N,2), map logits (N,M), facing logits (N,4)."""
+        out = self.state_head(h)
+        return {"xy": out[:, :2] * coord_scale, "map_logits": out[:, 2:-4], "facing_logits": out[:, -4:]}
+
+    def loss_of(self, pred_z, pred_r, z, rewards, probe=None, places=None, states=None):
+        """`loss` of predictions already unrolled: pred_z (B,T-1,D) and pred_r (B,T-1) against z (B,T,D),
+        rewards (B,T); `states`, the GRU states of the unroll, when config.state_scale > 0."""
         losses = {"latent": F.mse_loss(pred_z, z[:, 1:]), "reward": F.mse_loss(pred_r, rewards[:, :-1])}
         weights = {"latent": 1.0, "reward": self.config.reward_scale}
+        if self.config.state_scale > 0:
+            if states is None or places is None or "facing" not in places:
+                raise ValueError("state_scale > 0 needs the unroll's GRU states and the RAM places with facings")
+            read = self.read_state(torch.stack(states, 1).reshape(-1, self.config.hidden))
+            xy = places["xy"][:, 1:].reshape(-1, 2).float()
+            losses["state"] = (F.mse_loss(read["xy"] / 16.0, xy / 16.0)
+                               + F.cross_entropy(read["map_logits"], places["map_id"][:, 1:].reshape(-1).long())
+                               + F.cross_entropy(read["facing_logits"], places["facing"][:, 1:].reshape(-1).long()))
+            weights["state"] = self.config.state_scale
         if self.config.probe_scale > 0:
             if probe is None or places is None:
                 raise ValueError("probe_scale > 0 needs the frozen probe and the RAM places of the windows")

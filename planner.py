@@ -77,10 +77,12 @@ class LatentPlanner:
         return (frames.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
 
     @torch.no_grad()
-    def imagine(self, z0: torch.Tensor, sequences: np.ndarray):
-        """z0 (1, D), sequences (N, L) -> latents (N, L, D) and the probe's reading of every step."""
+    def imagine(self, z0: torch.Tensor, sequences: np.ndarray, h0: torch.Tensor | None = None):
+        """z0 (1, D), sequences (N, L) -> latents (N, L, D) and the probe's reading of every step.
+        h0 (1, H): the GRU state filtered over the episode's real frames so far (None: from z0 alone)."""
         actions = torch.as_tensor(sequences, device=self.device)
-        latents, _ = self.dynamics.rollout(z0.expand(actions.shape[0], -1), actions)  # (N, L, D)
+        n = actions.shape[0]
+        latents, _ = self.dynamics.rollout(z0.expand(n, -1), actions, None if h0 is None else h0.expand(n, -1))  # (N, L, D)
         n, steps, dim = latents.shape
         out = self.probe(latents.reshape(n * steps, dim))
         return latents, {k: v.reshape(n, steps, *v.shape[1:]) for k, v in out.items()}
@@ -104,9 +106,9 @@ class LatentPlanner:
         per_step = cls.score({k: v.reshape(n * steps, *v.shape[2:]) for k, v in out.items()}, goal).view(n, steps)
         return (per_step - step_cost * torch.arange(1, steps + 1, device=per_step.device)).max(1).values
 
-    def evaluate(self, z0: torch.Tensor, sequences: np.ndarray, goal: Goal, path: bool = False):
+    def evaluate(self, z0: torch.Tensor, sequences: np.ndarray, goal: Goal, path: bool = False, h0=None):
         """Imagine and score `sequences` (N, L): by the final latent (the original) or, with path, by the best step."""
-        latents, out = self.imagine(z0, sequences)
+        latents, out = self.imagine(z0, sequences, h0)
         scores = self.score_path(out, goal) if path else self.score({k: v[:, -1] for k, v in out.items()}, goal)
         return latents, out, scores
 
@@ -122,10 +124,11 @@ class LatentPlanner:
             final_frame=self.decode(latents[best, -1:])[0],
         )
 
-    def plan_mpc(self, frame: np.ndarray, goal: Goal, length: int = 15, rng: np.random.Generator | None = None) -> Plan:
+    def plan_mpc(self, frame: np.ndarray, goal: Goal, length: int = 15, rng: np.random.Generator | None = None,
+                 h0: torch.Tensor | None = None) -> Plan:
         """Score the fixed macro candidates and return the best."""
         candidates = candidate_macros(length, rng=rng)
-        return self._plan(candidates, *self.evaluate(self.encode(frame), candidates, goal))
+        return self._plan(candidates, *self.evaluate(self.encode(frame), candidates, goal, h0=h0))
 
     def plan_cem(
         self,
@@ -138,6 +141,7 @@ class LatentPlanner:
         smoothing: float = 0.3,
         rng: np.random.Generator | None = None,
         banned_first: frozenset = frozenset(),
+        h0: torch.Tensor | None = None,
     ) -> Plan:
         """Cross-entropy method over per-step action distributions, seeded with the macros.
 
@@ -147,6 +151,7 @@ class LatentPlanner:
         best macro-sequence (the rollout is deterministic). Sequences are scored by their path
         (`score_path`). Sequences starting with an action in `banned_first` are never chosen
         (the policy bans a first action that changed nothing in the real game twice in a row).
+        h0 is the belief state (`PlannerPolicy` with belief) the rollouts start from.
         """
         rng = rng or np.random.default_rng(0)
         z0 = self.encode(frame)
@@ -156,7 +161,7 @@ class LatentPlanner:
             cum = probs.cumsum(-1)  # (L, 8)
             draws = (rng.random((population, length, 1)) > cum[None]).sum(-1).clip(0, 7)  # (P, L)
             candidates = np.concatenate([carry, draws]).astype(np.int64)
-            latents, out, scores = self.evaluate(z0, candidates, goal, path=True)
+            latents, out, scores = self.evaluate(z0, candidates, goal, path=True, h0=h0)
             scores = self._ban(scores, candidates, banned_first)
             order = scores.argsort(descending=True).cpu().numpy()
             elite = candidates[order[:elites]]  # (E, L)
@@ -222,22 +227,41 @@ class PlannerPolicy:
     (under `still` of its pixels changed: a wall, or a press that only turned the player) twice in
     a row is banned until the frame changes, so a model that imagines walking through a wall does
     not replan the same blocked step forever. No RAM is read. MPC stays the original's.
+
+    With `belief` the GRU state is carried along the episode (`LatentDynamics.observe` on every real
+    frame and action taken) and every plan imagines from it, so the model knows what the frame
+    alone does not show, such as which way the player faces (a press in a new direction only
+    turns); without it every plan starts from the current frame alone (the original).
     """
 
     def __init__(self, planner: LatentPlanner, method: str = "mpc", horizon: int = 15, execute_steps: int = 5, seed: int = 0,
-                 plan_kwargs: dict | None = None, still: float = 0.03):
+                 plan_kwargs: dict | None = None, still: float = 0.03, belief: bool = False):
         self.planner, self.method, self.horizon, self.execute_steps = planner, method, horizon, execute_steps
         self.plan_kwargs = plan_kwargs or {}  # e.g. population / iterations for CEM
-        self.still = still
+        self.still, self.belief = still, belief
         self.rng = np.random.default_rng(seed)
         self.reset(None)
 
     def reset(self, goal: Goal | None) -> None:
         self.goal, self.queue, self.last_plan = goal, [], None
         self.last_obs, self.last_action, self.stuck = None, None, StuckPresses()
+        self.last_z, self.h = None, None
+
+    @torch.no_grad()
+    def _update_belief(self, obs: np.ndarray) -> None:
+        """h after the last action, from the frame it was taken on; then remember this frame's latent."""
+        z = self.planner.encode(obs)
+        if self.last_z is not None:
+            action = torch.tensor([self.last_action], device=self.planner.device)
+            self.h = self.planner.dynamics.observe(self.last_z, action, self.h)
+        self.last_z = z
 
     def act(self, obs: np.ndarray, state) -> int:
         kwargs = dict(self.plan_kwargs)
+        if self.belief:
+            self._update_belief(obs)
+            if self.h is not None:
+                kwargs["h0"] = self.h
         if self.method == "cem":
             if self.last_obs is not None:
                 changed = (obs != self.last_obs).any(-1).mean()  # fraction of pixels that changed

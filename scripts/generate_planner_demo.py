@@ -37,6 +37,7 @@ def parse_args(argv=None):
     p.add_argument("--max-steps", type=int, default=60, help="actions allowed")
     p.add_argument("--horizon", type=int, default=15, help="length of every imagined action sequence")
     p.add_argument("--execute-steps", type=int, default=5, help="actions of each plan run before replanning")
+    p.add_argument("--belief", action="store_true", help="CEM: imagine from the GRU state carried along the episode")
     p.add_argument("--ticks-per-action", type=int, default=24, help="emulator frames per action")
     p.add_argument("--seed", type=int, default=0, help="seed of the drawn goal and the planner")
     p.add_argument("--fps", type=float, default=5.0, help="video frames per second")
@@ -105,7 +106,8 @@ def main(argv=None):
         else:
             start_state = env.reset(options={"state_index": 0})[1]["state"]
             goal = Goal(start_state.map_id, *args.goal)
-        policy = PlannerPolicy(planner, method=args.planner, horizon=args.horizon, execute_steps=args.execute_steps, seed=args.seed)
+        policy = PlannerPolicy(planner, method=args.planner, horizon=args.horizon, execute_steps=args.execute_steps, seed=args.seed,
+                               belief=args.belief and args.planner == "cem")
         outcome = run_goal_episode(env, 0, goal, policy, max_steps=args.max_steps, on_step=draw)
     finally:
         env.close()

@@ -56,6 +56,8 @@ def parse_args(argv=None):
     p.add_argument("--execute-steps", type=int, default=5, help="actions of each plan run in the emulator before replanning")
     p.add_argument("--cem-population", type=int, default=128, help="CEM: sequences sampled per iteration")
     p.add_argument("--cem-iterations", type=int, default=4, help="CEM: iterations per plan")
+    p.add_argument("--belief", action="store_true",
+                   help="CEM: carry the dynamics' GRU state along the episode and imagine from it (default: from the frame alone)")
     p.add_argument("--ticks-per-action", type=int, default=24, help="emulator frames per action")
     p.add_argument("--seed", type=int, default=0, help="seed of goals and policies")
     p.add_argument("--out-dir", default="outputs/planner_v1", help="where planner.json and planner.md go")
@@ -79,7 +81,7 @@ def world_model_policies(args) -> dict:
                             load_network(args.probe_checkpoint, "probe", args.device), device=args.device)
     kwargs = {"mpc": {}, "cem": {"population": args.cem_population, "iterations": args.cem_iterations}}
     return {m: PlannerPolicy(planner, method=m, horizon=args.horizon, execute_steps=args.execute_steps, seed=args.seed,
-                             plan_kwargs=kwargs[m]) for m in args.planner}
+                             plan_kwargs=kwargs[m], belief=args.belief and m == "cem") for m in args.planner}
 
 
 def summarise(results: list) -> dict:
@@ -99,7 +101,8 @@ def markdown(summary: dict, args, goal_distances: list, starts: set) -> str:
     for name, s in summary.items():
         mean = f"{s['mean_steps_to_goal']:.1f}" if s["mean_steps_to_goal"] is not None else "-"
         median = f"{s['median_steps_to_goal']:.0f}" if s["median_steps_to_goal"] is not None else "-"
-        lines.append(f"| {name}: {DESCRIPTIONS[name]} | {100 * s['success_rate']:.0f}% ({s['successes']}/{s['goals']}) | {mean} | {median} |")
+        desc = DESCRIPTIONS[name] + (" (belief state)" if name == "cem" and args.belief else "")
+        lines.append(f"| {name}: {desc} | {100 * s['success_rate']:.0f}% ({s['successes']}/{s['goals']}) | {mean} | {median} |")
     return "\n".join(lines) + "\n"
 
 

@@ -51,6 +51,10 @@ def parse_args(argv=None):
                    help="frozen RAM probe of the same VAE: validation tile error every epoch, and the probe loss with --probe-scale")
     p.add_argument("--probe-scale", type=float, default=0.0,
                    help="weight of the probe's position + map error on predicted latents (0: the original's loss)")
+    p.add_argument("--init-from-latent", action="store_true",
+                   help="ours: start the GRU state from z_0 through a learned layer (the original starts from zeros)")
+    p.add_argument("--state-scale", type=float, default=0.0,
+                   help="ours: weight of RAM heads on the GRU state (tile, map, facing after each action); 0: none")
     p.add_argument("--out-dir", default="checkpoints/dynamics_v1", help="where checkpoints, metrics and plots go")
     p.add_argument("--val-split", type=float, default=0.1, help="fraction of episodes held out for validation")
     p.add_argument("--seed", type=int, default=0, help="seed of the split, initialisation, shuffling and sampling")
@@ -62,6 +66,8 @@ def parse_args(argv=None):
         raise UserError("--epochs, --batch-size, --hidden, --decay-epochs must be >= 1 and --lr > 0")
     if args.probe_scale < 0 or (args.probe_scale > 0 and not args.probe_checkpoint):
         raise UserError("--probe-scale must be >= 0, and > 0 needs --probe-checkpoint")
+    if args.state_scale < 0:
+        raise UserError(f"--state-scale {args.state_scale} must be >= 0")
     if not 0.0 <= args.min_teacher_forcing <= 1.0:
         raise UserError(f"--min-teacher-forcing {args.min_teacher_forcing} must be in [0, 1]")
     args.device = resolve_device(args.device)
@@ -84,8 +90,9 @@ def evaluate(model, table, starts, seq_len, fields, teacher_forcing, probe=None,
     for i in range(0, len(starts), batch_size):
         z = table.windows(starts[i:i + batch_size], seq_len)  # (B, T, D)
         part = {k: v[i:i + batch_size] for k, v in fields.items()}
-        pred, pred_r = model.unroll(z, part["actions"], teacher_forcing)  # (B, T-1, D), (B, T-1)
-        total, parts = model.loss_of(pred, pred_r, z, part["rewards"], probe, part)
+        states = [] if model.config.state_scale > 0 else None
+        pred, pred_r = model.unroll(z, part["actions"], teacher_forcing, states=states)  # (B, T-1, D), (B, T-1)
+        total, parts = model.loss_of(pred, pred_r, z, part["rewards"], probe, part, states)
         parts["total"] = total.item()
         if probe is not None:
             xy = probe(pred.reshape(-1, pred.shape[-1]))["xy"]  # (B*(T-1), 2)
@@ -107,10 +114,10 @@ def main(argv=None):
     table = LatentTable(vae, data, args.device)
 
     def window_fields(starts):
-        """Actions and rewards (N, T), RAM tile (x, y) (N, T, 2) and map id (N, T) of windows."""
-        batch = data.seqs.get_batch(starts, keys=("actions", "rewards", "map_ids", "xs", "ys"))  # no frames
+        """Actions and rewards (N, T), RAM tile (x, y) (N, T, 2), map id and facing (0..3) (N, T) of windows."""
+        batch = data.seqs.get_batch(starts, keys=("actions", "rewards", "map_ids", "xs", "ys", "facings"))  # no frames
         fields = {"actions": batch["actions"], "rewards": batch["rewards"], "map_id": batch["map_ids"],
-                  "xy": torch.stack([batch["xs"], batch["ys"]], -1).float()}
+                  "xy": torch.stack([batch["xs"], batch["ys"]], -1).float(), "facing": batch["facings"] // 4}
         return {k: v.to(args.device) for k, v in fields.items()}
 
     train_fields = window_fields(data.train_starts)
@@ -124,7 +131,8 @@ def main(argv=None):
                             f"{vae.config.latent_dim}-d ones; pass the probe trained on this VAE")
 
     config = DynamicsConfig(latent_dim=vae.config.latent_dim, hidden=args.hidden, reward_scale=args.reward_scale,
-                            probe_scale=args.probe_scale)
+                            probe_scale=args.probe_scale, init_from_latent=args.init_from_latent,
+                            state_scale=args.state_scale)
     model = LatentDynamics(config).to(args.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     start_epoch, best_val, history = resume_training(args.resume, "dynamics", config, model, optimizer)

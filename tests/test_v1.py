@@ -152,6 +152,57 @@ def test_probe_loss_trains_the_dynamics_not_the_probe():
     assert set(LatentDynamics(DynamicsConfig()).loss(z, actions, rewards, 0.5, probe, places)[1]) == {"latent", "reward"}
 
 
+def test_state_heads_and_learned_initial_state():
+    torch.manual_seed(0)
+    config = DynamicsConfig(init_from_latent=True, state_scale=3.0, num_maps=8)
+    dynamics = LatentDynamics(config)
+    z, actions, rewards = torch.randn(3, 6, 32), torch.randint(0, 8, (3, 6)), torch.zeros(3, 6)
+    assert not torch.allclose(dynamics.initial_state(z[:, 0]), dynamics.initial_state(z[:, 1]))  # h_0 depends on z_0
+    places = {"xy": torch.randint(0, 20, (3, 6, 2)).float(), "map_id": torch.randint(0, 8, (3, 6)),
+              "facing": torch.randint(0, 4, (3, 6))}
+    total, parts = dynamics.loss(z, actions, rewards, 0.5, None, places)
+    assert set(parts) == {"latent", "reward", "state"} and parts["state"] > 0
+    assert total.item() == pytest.approx(parts["latent"] + parts["reward"] + 3.0 * parts["state"], rel=1e-5)
+    total.backward()
+    assert dynamics.init.weight.grad.abs().sum() > 0 and dynamics.cell.weight_hh.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="facings"):
+        dynamics.loss(z, actions, rewards, 0.5, None, {k: v for k, v in places.items() if k != "facing"})
+
+
+def test_belief_state_is_the_teacher_forced_unroll():
+    """observe() along real latents gives the states of a teacher-forced unroll, and a rollout from
+    such a state predicts what the unroll predicts at that step."""
+    torch.manual_seed(0)
+    dynamics = LatentDynamics(DynamicsConfig(init_from_latent=True)).eval()
+    z, actions = torch.randn(2, 7, 32), torch.randint(0, 8, (2, 7))
+    states = []
+    with torch.no_grad():
+        pred, _ = dynamics.unroll(z, actions, teacher_forcing=1.0, states=states)
+        h = None
+        for t in range(4):
+            h = dynamics.observe(z[:, t], actions[:, t], h)
+            assert torch.allclose(h, states[t], atol=1e-6)
+        ahead, _ = dynamics.rollout(z[:, 4], actions[:, 4:6], h0=h)
+    assert torch.allclose(ahead[:, 0], pred[:, 4], atol=1e-6)
+
+
+def test_policy_with_belief_carries_the_state():
+    torch.manual_seed(0)
+    planner = _random_planner()
+    policy = PlannerPolicy(planner, method="cem", horizon=4, execute_steps=1, plan_kwargs={"population": 8, "iterations": 1},
+                           belief=True)
+    policy.reset(Goal(0, 3, 4))
+    frames = np.random.default_rng(3).integers(0, 256, (3, 36, 40, 3), dtype=np.uint8)
+    first = policy.act(frames[0], None)
+    assert policy.h is None  # nothing observed yet: the plan starts from the frame alone
+    policy.act(frames[1], None)
+    with torch.no_grad():
+        expected = planner.dynamics.observe(planner.encode(frames[0]), torch.tensor([first]), None)
+    assert torch.allclose(policy.h, expected, atol=1e-6)
+    policy.act(frames[2], None)
+    assert not torch.allclose(policy.h, expected)  # updated every real step
+
+
 # --- every v1 script, end to end, on real collected data ------------------------------------------
 
 def run(script, *args):
@@ -182,7 +233,7 @@ def v1_run(collected_data, tmp_path_factory):
     ok("train_dynamics.py", *dyn, "--epochs", 1, "--no-scheduled-sampling", "--out-dir", out / "tf")
     probe = out / "probe" / "best_probe.pt"
     ok("train_dynamics.py", *dyn, "--epochs", 2, "--decay-epochs", 1, "--probe-checkpoint", probe, "--probe-scale", 1,
-       "--out-dir", out / "ssp")
+       "--init-from-latent", "--state-scale", 1, "--out-dir", out / "ssp")
     return {"data": data, "out": out, "vae": vae, "probe": out / "probe" / "best_probe.pt",
             "ss": out / "ss" / "best_dynamics.pt", "tf": out / "tf" / "best_dynamics.pt"}
 
@@ -204,7 +255,8 @@ def test_training_outputs(v1_run):
     # with the probe loss: its terms in training and validation, and the open-loop tile error every epoch
     ssp = json.loads((out / "ssp" / "metrics.json").read_text())
     assert len(ssp) == 2 and all(math.isfinite(r[k]) for r in ssp for k in
-                                 ("loss/train_probe", "loss/val_ar_probe", "eval/val_ar_tile_error", "eval/val_tf_tile_error"))
+                                 ("loss/train_probe", "loss/val_ar_probe", "eval/val_ar_tile_error", "eval/val_tf_tile_error",
+                                  "loss/train_state", "loss/val_ar_state"))
 
 
 def test_evaluate_drift_table(v1_run, tmp_path):
@@ -239,7 +291,7 @@ def test_run_planner(v1_run, start_state_file, tmp_path):
     done = run("run_planner.py", "--save-state", start_state_file, "--vae-checkpoint", v1_run["vae"],
                       "--probe-checkpoint", v1_run["probe"], "--checkpoint", v1_run["ss"], "--goals", 2,
                       "--max-steps", 6, "--cem-population", 16, "--cem-iterations", 2, "--out-dir", tmp_path, "--device", "cpu",
-                      "--start-walk", 30, "--start-states", 2)
+                      "--start-walk", 30, "--start-states", 2, "--belief")
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp_path / "planner.json").read_text())
     assert set(report["summary"]) == {"mpc", "cem", "greedy", "random"}
@@ -247,7 +299,8 @@ def test_run_planner(v1_run, start_state_file, tmp_path):
         assert len(episodes) == 2 and all(2 <= e["distance"] <= 10 for e in episodes)
     # the explorer walked 30 actions to make each start state: not the game's first tile (3, 5) any more
     assert any(e["start"] != [3, 5] for e in report["episodes"]["random"])
-    assert "| random: random buttons |" in (tmp_path / "planner.md").read_text()
+    table = (tmp_path / "planner.md").read_text()
+    assert "| random: random buttons |" in table and "| cem: world model + CEM (belief state) |" in table
 
 
 def test_demo_videos(v1_run, start_state_file, tmp_path):
