@@ -167,13 +167,17 @@ class LatentDynamics(nn.Module):
                 z_in = torch.where(use_true, z[:, t + 1], z_next)
         return torch.stack(preds, 1), torch.stack(rewards, 1)
 
-    def rollout(self, z0: torch.Tensor, actions: torch.Tensor, h0: torch.Tensor | None = None):
+    def rollout(self, z0: torch.Tensor, actions: torch.Tensor, h0: torch.Tensor | None = None, project=None):
         """Open loop from z0 (B,D) with actions (B,K): latents z_1..z_K (B,K,D) and rewards (B,K).
-        h0 (B,H): a GRU state filtered over real frames so far (`observe`); default: the initial state of z0."""
+        h0 (B,H): a GRU state filtered over real frames so far (`observe`); default: the initial state of z0.
+        project: a map applied to every predicted latent before it is fed back and returned, e.g. the
+        VAE's decode-then-encode, which puts an imagined latent back on the latents of real frames."""
         h = self.initial_state(z0) if h0 is None else h0
         z, preds, rewards = z0, [], []
         for t in range(actions.shape[1]):
             z, r, h = self.step(z, actions[:, t], h)
+            if project is not None:
+                z = project(z)
             preds.append(z)
             rewards.append(r)
         return torch.stack(preds, 1), torch.stack(rewards, 1)

@@ -35,6 +35,9 @@ def parse_args(argv=None):
     p.add_argument("--probe-checkpoint", default="checkpoints/probe_v1/best_probe.pt", help="RAM probe reading (x, y) off latents")
     p.add_argument("--checkpoint", default="checkpoints/dynamics_v1/best_dynamics.pt", help="dynamics trained with scheduled sampling (SS)")
     p.add_argument("--ablation-checkpoint", default=None, help="dynamics trained with teacher forcing only (TF), for the side-by-side table")
+    p.add_argument("--reproject", action="store_true",
+                   help="ours: decode every imagined latent to a frame and encode it again before feeding it back "
+                        "(keeps rollouts on the VAE's latents of real frames); default: the plain open loop")
     p.add_argument("--steps", type=int, default=29, help="rollout steps K reported (at most --seq-len - 1)")
     p.add_argument("--seq-len", type=int, default=None, help="window length (default: the one --checkpoint was trained with)")
     p.add_argument("--val-split", type=float, default=None, help="held-out fraction of episodes (default: --checkpoint's)")
@@ -52,15 +55,17 @@ def parse_args(argv=None):
 
 
 @torch.no_grad()
-def drift_curves(dynamics, probe, table, data, starts, steps, batch_size) -> dict:
-    """Per-step sums over windows: latent MSE, rollout tile error and the probe floor; divided by the count."""
+def drift_curves(dynamics, probe, table, data, starts, steps, batch_size, vae=None) -> dict:
+    """Per-step sums over windows: latent MSE, rollout tile error and the probe floor; divided by the count.
+    With `vae`, every imagined latent is decoded and encoded again before it is fed back (reprojection)."""
+    project = (lambda z: vae.encode(vae.decode(z))[0]) if vae is not None else None
     mse, tile, floor, static = torch.zeros(steps), torch.zeros(steps), torch.zeros(steps), torch.zeros(steps)
     for i in tqdm(range(0, len(starts), batch_size), desc="rollouts", unit="batch", leave=False):
         chunk = starts[i:i + batch_size]
         batch = data.seqs.get_batch(chunk, keys=("actions", "xs", "ys"))  # no frames: the latents are in `table`
         z = table.windows(chunk, data.seq_len)  # (B, T, D)
         actions = batch["actions"][:, :steps].to(z.device)  # a_0 .. a_{K-1}
-        pred, _ = dynamics.rollout(z[:, 0], actions)  # (B, K, D): z_1 .. z_K
+        pred, _ = dynamics.rollout(z[:, 0], actions, project=project)  # (B, K, D): z_1 .. z_K
         true = z[:, 1:steps + 1]
         xy = torch.stack([batch["xs"], batch["ys"]], -1)[:, 1:steps + 1].float()  # (B, K, 2)
         b, k, d = pred.shape
@@ -75,10 +80,11 @@ def drift_curves(dynamics, probe, table, data, starts, steps, batch_size) -> dic
             "static_tile_error": (static / n).tolist()}
 
 
-def markdown_table(curves: dict, sequences: int) -> str:
+def markdown_table(curves: dict, sequences: int, reproject: bool = False) -> str:
     ss, tf = curves["ss"], curves.get("tf")
     steps = len(ss["latent_mse"])
-    lines = [f"Open-loop drift over {sequences:,} validation windows (held-out episodes), {steps} imagined steps.", ""]
+    how = ", every imagined latent decoded and re-encoded before it is fed back" if reproject else ""
+    lines = [f"Open-loop drift over {sequences:,} validation windows (held-out episodes), {steps} imagined steps{how}.", ""]
     if tf:
         lines += ["| Rollout Step | SS Latent MSE | TF Latent MSE | SS Tile Error | TF Tile Error | Improvement |",
                   "|---|---|---|---|---|---|"]
@@ -143,13 +149,14 @@ def main(argv=None):
     if args.max_sequences:
         starts = starts[np.linspace(0, len(starts) - 1, min(args.max_sequences, len(starts))).astype(int)]
     table = LatentTable(vae, data, args.device, rows=np.unique(starts[:, None] + np.arange(seq_len)))
-    curves = {name: drift_curves(model, probe, table, data, starts, args.steps, args.batch_size)
+    curves = {name: drift_curves(model, probe, table, data, starts, args.steps, args.batch_size,
+                                 vae if args.reproject else None)
               for name, model in models.items()}
-    table_md = markdown_table(curves, len(starts))
+    table_md = markdown_table(curves, len(starts), args.reproject)
     out_dir = Path(args.out_dir)
     write_text(out_dir / "drift.md", table_md)
     write_json(out_dir / "drift.json", {
-        "sequences": len(starts), "steps": args.steps, "seq_len": seq_len, "val_split": val_split, "seed": seed,
+        "sequences": len(starts), "steps": args.steps, "reproject": args.reproject, "seq_len": seq_len, "val_split": val_split, "seed": seed,
         "data_dir": str(args.data_dir), "checkpoint": str(args.checkpoint), "ablation_checkpoint": args.ablation_checkpoint,
         "vae_checkpoint": str(args.vae_checkpoint), "probe_checkpoint": str(args.probe_checkpoint), **curves,
     })

@@ -186,6 +186,25 @@ def test_belief_state_is_the_teacher_forced_unroll():
     assert torch.allclose(ahead[:, 0], pred[:, 4], atol=1e-6)
 
 
+def test_rollout_feeds_back_the_projected_latent():
+    torch.manual_seed(0)
+    dynamics = LatentDynamics(DynamicsConfig()).eval()
+    z0, actions = torch.randn(2, 32), torch.randint(0, 8, (2, 3))
+    with torch.no_grad():
+        plain, _ = dynamics.rollout(z0, actions)
+        same, _ = dynamics.rollout(z0, actions, project=lambda z: z)
+        zeroed, _ = dynamics.rollout(z0, actions, project=torch.zeros_like)
+        h = dynamics.observe(z0, actions[:, 0], None)
+        second, _, _ = dynamics.step(torch.zeros(2, 32), actions[:, 1], h)
+    assert torch.allclose(plain, same) and (zeroed == 0).all()
+    assert not torch.allclose(second, plain[:, 1])  # step 2 was fed the projection (zeros), not step 1's latent
+    with torch.no_grad():
+        fed, _ = dynamics.rollout(z0, actions[:, :2], project=lambda z: z * 0.5)
+        _, _, h1 = dynamics.step(z0, actions[:, 0], dynamics.initial_state(z0))
+        expected, _, _ = dynamics.step(fed[:, 0], actions[:, 1], h1)
+    assert torch.allclose(fed[:, 1], 0.5 * expected, atol=1e-6)
+
+
 def test_policy_with_belief_carries_the_state():
     torch.manual_seed(0)
     planner = _random_planner()
@@ -271,6 +290,14 @@ def test_evaluate_drift_table(v1_run, tmp_path):
         for key in ("latent_mse", "tile_error"):
             assert len(report[name][key]) == 9 and all(math.isfinite(v) for v in report[name][key])
     assert (tmp_path / "drift.png").exists()
+    # --reproject: every imagined latent goes through the VAE before it is fed back, so the curves change
+    done = run("evaluate_drift.py", "--data-dir", v1_run["data"], "--vae-checkpoint", v1_run["vae"],
+               "--probe-checkpoint", v1_run["probe"], "--checkpoint", v1_run["ss"], "--max-files", 1,
+               "--steps", 9, "--reproject", "--out-dir", tmp_path / "re", "--device", "cpu")
+    assert done.returncode == 0, done.stderr[-3000:]
+    again = json.loads((tmp_path / "re" / "drift.json").read_text())
+    assert again["reproject"] is True and all(math.isfinite(v) for v in again["ss"]["tile_error"])
+    assert again["ss"]["latent_mse"] != report["ss"]["latent_mse"] and "re-encoded" in (tmp_path / "re" / "drift.md").read_text()
 
 
 def test_user_error_is_one_line_exit_2(v1_run, tmp_path, capsys):
