@@ -82,6 +82,38 @@ class LatentTable:
         return self.latents[torch.from_numpy(self.index[np.asarray(rows)]).to(self.latents.device)]
 
 
+class LatentMemory:
+    """The latents of real frames (duplicates dropped): `snap` replaces imagined latents by their
+    nearest (L2) real one, so an open-loop rollout is always some frame the game really showed.
+
+    Used as `LatentDynamics.rollout(..., project=memory.snap)`: an imagined latent that is off by less
+    than half the gap to its neighbours is corrected at every step instead of compounding. It can
+    only imagine screens that are in the memory (build it from training frames only when evaluating).
+    """
+
+    def __init__(self, latents: torch.Tensor):
+        if latents.ndim != 2 or len(latents) == 0:
+            raise UserError("the latent memory is empty: it needs the latents of at least one real frame")
+        self.latents = torch.unique(latents, dim=0)  # (N, D)
+        self.sq_norms = (self.latents ** 2).sum(1)  # (N,)
+
+    @classmethod
+    def of_rows(cls, vae, data: V1Data, rows: np.ndarray, device: str) -> "LatentMemory":
+        return cls(encode_rows(vae, data, np.asarray(rows), device))
+
+    def __len__(self) -> int:
+        return len(self.latents)
+
+    @torch.no_grad()
+    def snap(self, z: torch.Tensor, chunk: int = 512) -> torch.Tensor:
+        """(B, D) -> (B, D): each row's nearest latent in memory."""
+        out = []
+        for part in z.split(chunk):
+            dist = self.sq_norms[None] - 2 * part @ self.latents.T  # (b, N): |m|^2 - 2 z.m, |z|^2 dropped
+            out.append(self.latents[dist.argmin(1)])
+        return torch.cat(out) if out else z
+
+
 def load_network(path, kind: str, device: str):
     """A v1 network ("vae", "dynamics" or "probe") rebuilt from its checkpoint, in eval mode."""
     return build_model(load_checkpoint(path, kind=kind)).to(device).eval()

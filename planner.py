@@ -59,10 +59,11 @@ def candidate_macros(length: int = 15, num_random: int = 5, rng: np.random.Gener
 class LatentPlanner:
     """Holds the three frozen v1 networks; imagines batches of action sequences from a frame."""
 
-    def __init__(self, vae: VAE, dynamics: LatentDynamics, probe: RamProbe | None, device: str = "cpu"):
-        """probe may be None when only imagining and decoding (no scoring)."""
+    def __init__(self, vae: VAE, dynamics: LatentDynamics, probe: RamProbe | None, device: str = "cpu", memory=None):
+        """probe may be None when only imagining and decoding (no scoring). memory (a
+        `latents.LatentMemory`): every imagined latent is snapped to its nearest real frame's latent."""
         self.vae, self.dynamics, self.probe = vae.eval(), dynamics.eval(), probe.eval() if probe is not None else None
-        self.device = device
+        self.device, self.memory = device, memory
 
     @torch.no_grad()
     def encode(self, frame: np.ndarray) -> torch.Tensor:
@@ -82,7 +83,8 @@ class LatentPlanner:
         h0 (1, H): the GRU state filtered over the episode's real frames so far (None: from z0 alone)."""
         actions = torch.as_tensor(sequences, device=self.device)
         n = actions.shape[0]
-        latents, _ = self.dynamics.rollout(z0.expand(n, -1), actions, None if h0 is None else h0.expand(n, -1))  # (N, L, D)
+        latents, _ = self.dynamics.rollout(z0.expand(n, -1), actions, None if h0 is None else h0.expand(n, -1),
+                                           project=self.memory.snap if self.memory is not None else None)  # (N, L, D)
         n, steps, dim = latents.shape
         out = self.probe(latents.reshape(n * steps, dim))
         return latents, {k: v.reshape(n, steps, *v.shape[1:]) for k, v in out.items()}

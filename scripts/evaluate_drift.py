@@ -25,7 +25,7 @@ from tqdm import tqdm
 from artifacts import save_figure, write_json, write_text
 from checkpoint import load_checkpoint, resolve_device
 from errors import UserError, cli
-from latents import LatentTable, load_network, load_v1_data
+from latents import LatentMemory, LatentTable, load_network, load_v1_data
 
 
 def parse_args(argv=None):
@@ -38,6 +38,9 @@ def parse_args(argv=None):
     p.add_argument("--reproject", action="store_true",
                    help="ours: decode every imagined latent to a frame and encode it again before feeding it back "
                         "(keeps rollouts on the VAE's latents of real frames); default: the plain open loop")
+    p.add_argument("--snap", action="store_true",
+                   help="ours: replace every imagined latent by the nearest latent of a training frame (the "
+                        "training episodes' frames only) before feeding it back; default: the plain open loop")
     p.add_argument("--steps", type=int, default=29, help="rollout steps K reported (at most --seq-len - 1)")
     p.add_argument("--seq-len", type=int, default=None, help="window length (default: the one --checkpoint was trained with)")
     p.add_argument("--val-split", type=float, default=None, help="held-out fraction of episodes (default: --checkpoint's)")
@@ -48,6 +51,8 @@ def parse_args(argv=None):
     p.add_argument("--out-dir", default="outputs/drift_v1", help="where drift.md, drift.json and drift.png go")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     args = p.parse_args(argv)
+    if args.reproject and args.snap:
+        raise UserError("--reproject and --snap are two ways to project imagined latents; pass one")
     if args.steps < 1 or args.batch_size < 1 or args.max_sequences < 0:
         raise UserError("--steps and --batch-size must be >= 1, --max-sequences >= 0")
     args.device = resolve_device(args.device)
@@ -55,10 +60,9 @@ def parse_args(argv=None):
 
 
 @torch.no_grad()
-def drift_curves(dynamics, probe, table, data, starts, steps, batch_size, vae=None) -> dict:
+def drift_curves(dynamics, probe, table, data, starts, steps, batch_size, project=None) -> dict:
     """Per-step sums over windows: latent MSE, rollout tile error and the probe floor; divided by the count.
-    With `vae`, every imagined latent is decoded and encoded again before it is fed back (reprojection)."""
-    project = (lambda z: vae.encode(vae.decode(z))[0]) if vae is not None else None
+    `project` maps every imagined latent before it is fed back (--reproject, --snap)."""
     mse, tile, floor, static = torch.zeros(steps), torch.zeros(steps), torch.zeros(steps), torch.zeros(steps)
     for i in tqdm(range(0, len(starts), batch_size), desc="rollouts", unit="batch", leave=False):
         chunk = starts[i:i + batch_size]
@@ -80,10 +84,14 @@ def drift_curves(dynamics, probe, table, data, starts, steps, batch_size, vae=No
             "static_tile_error": (static / n).tolist()}
 
 
-def markdown_table(curves: dict, sequences: int, reproject: bool = False) -> str:
+PROJECTIONS = {None: "", "reproject": ", every imagined latent decoded and re-encoded before it is fed back",
+               "snap": ", every imagined latent replaced by the nearest training frame's latent before it is fed back"}
+
+
+def markdown_table(curves: dict, sequences: int, projection: str | None = None) -> str:
     ss, tf = curves["ss"], curves.get("tf")
     steps = len(ss["latent_mse"])
-    how = ", every imagined latent decoded and re-encoded before it is fed back" if reproject else ""
+    how = PROJECTIONS[projection]
     lines = [f"Open-loop drift over {sequences:,} validation windows (held-out episodes), {steps} imagined steps{how}.", ""]
     if tf:
         lines += ["| Rollout Step | SS Latent MSE | TF Latent MSE | SS Tile Error | TF Tile Error | Improvement |",
@@ -149,14 +157,20 @@ def main(argv=None):
     if args.max_sequences:
         starts = starts[np.linspace(0, len(starts) - 1, min(args.max_sequences, len(starts))).astype(int)]
     table = LatentTable(vae, data, args.device, rows=np.unique(starts[:, None] + np.arange(seq_len)))
-    curves = {name: drift_curves(model, probe, table, data, starts, args.steps, args.batch_size,
-                                 vae if args.reproject else None)
+    project = None
+    if args.reproject:
+        project = lambda z: vae.encode(vae.decode(z))[0]  # noqa: E731
+    elif args.snap:
+        memory = LatentMemory.of_rows(vae, data, data.train_rows, args.device)
+        print(f"latent memory: {len(memory):,} distinct latents of {len(data.train_rows):,} training frames")
+        project = memory.snap
+    curves = {name: drift_curves(model, probe, table, data, starts, args.steps, args.batch_size, project)
               for name, model in models.items()}
-    table_md = markdown_table(curves, len(starts), args.reproject)
+    table_md = markdown_table(curves, len(starts), "reproject" if args.reproject else "snap" if args.snap else None)
     out_dir = Path(args.out_dir)
     write_text(out_dir / "drift.md", table_md)
     write_json(out_dir / "drift.json", {
-        "sequences": len(starts), "steps": args.steps, "reproject": args.reproject, "seq_len": seq_len, "val_split": val_split, "seed": seed,
+        "sequences": len(starts), "steps": args.steps, "reproject": args.reproject, "snap": args.snap, "seq_len": seq_len, "val_split": val_split, "seed": seed,
         "data_dir": str(args.data_dir), "checkpoint": str(args.checkpoint), "ablation_checkpoint": args.ablation_checkpoint,
         "vae_checkpoint": str(args.vae_checkpoint), "probe_checkpoint": str(args.probe_checkpoint), **curves,
     })

@@ -26,7 +26,8 @@ from artifacts import write_json, write_text
 from env import DEFAULT_ROM, PokemonEnv
 from checkpoint import resolve_device
 from errors import UserError, cli
-from latents import load_network
+from dataset import PokemonDataset
+from latents import LatentMemory, V1Data, load_network
 from planner import GreedyPolicy, LatentPlanner, PlannerPolicy, RandomPolicy, run_goal_episode, sample_goal, walk_start_states
 
 DESCRIPTIONS = {
@@ -56,6 +57,9 @@ def parse_args(argv=None):
     p.add_argument("--execute-steps", type=int, default=5, help="actions of each plan run in the emulator before replanning")
     p.add_argument("--cem-population", type=int, default=128, help="CEM: sequences sampled per iteration")
     p.add_argument("--cem-iterations", type=int, default=4, help="CEM: iterations per plan")
+    p.add_argument("--snap-data", default=None,
+                   help="CEM: a folder of collected chunks at the VAE's resolution; every imagined latent is snapped to "
+                        "the nearest latent of its frames (default: no snapping)")
     p.add_argument("--belief", action="store_true",
                    help="CEM: carry the dynamics' GRU state along the episode and imagine from it (default: from the frame alone)")
     p.add_argument("--ticks-per-action", type=int, default=24, help="emulator frames per action")
@@ -74,13 +78,28 @@ def parse_args(argv=None):
     return args
 
 
+def frame_memory(vae, data_dir, device) -> LatentMemory:
+    """The latents of every frame collected in `data_dir`, at the VAE's resolution."""
+    seqs = PokemonDataset(data_dir, seq_len=1)
+    if tuple(seqs.obs.shape[1:3]) != (vae.config.height, vae.config.width):
+        raise UserError(f"--snap-data {data_dir} holds {seqs.obs.shape[1]}x{seqs.obs.shape[2]} frames, the VAE reads "
+                        f"{vae.config.height}x{vae.config.width}; pass data collected at the VAE's --resolution")
+    data = V1Data(seqs, 1, np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64))
+    memory = LatentMemory.of_rows(vae, data, np.arange(seqs.num_rows), device)
+    print(f"latent memory: {len(memory):,} distinct latents of {seqs.num_rows:,} frames in {data_dir}")
+    return memory
+
+
 def world_model_policies(args) -> dict:
     """One PlannerPolicy per --planner method, sharing the three networks."""
-    planner = LatentPlanner(load_network(args.vae_checkpoint, "vae", args.device),
-                            load_network(args.checkpoint, "dynamics", args.device),
-                            load_network(args.probe_checkpoint, "probe", args.device), device=args.device)
+    vae = load_network(args.vae_checkpoint, "vae", args.device)
+    dynamics = load_network(args.checkpoint, "dynamics", args.device)
+    probe = load_network(args.probe_checkpoint, "probe", args.device)
+    planners = {m: LatentPlanner(vae, dynamics, probe, device=args.device) for m in args.planner}
+    if args.snap_data and "cem" in planners:
+        planners["cem"].memory = frame_memory(vae, args.snap_data, args.device)
     kwargs = {"mpc": {}, "cem": {"population": args.cem_population, "iterations": args.cem_iterations}}
-    return {m: PlannerPolicy(planner, method=m, horizon=args.horizon, execute_steps=args.execute_steps, seed=args.seed,
+    return {m: PlannerPolicy(planners[m], method=m, horizon=args.horizon, execute_steps=args.execute_steps, seed=args.seed,
                              plan_kwargs=kwargs[m], belief=args.belief and m == "cem") for m in args.planner}
 
 
@@ -101,7 +120,8 @@ def markdown(summary: dict, args, goal_distances: list, starts: set) -> str:
     for name, s in summary.items():
         mean = f"{s['mean_steps_to_goal']:.1f}" if s["mean_steps_to_goal"] is not None else "-"
         median = f"{s['median_steps_to_goal']:.0f}" if s["median_steps_to_goal"] is not None else "-"
-        desc = DESCRIPTIONS[name] + (" (belief state)" if name == "cem" and args.belief else "")
+        extras = [x for x, on in (("belief state", args.belief), ("snapped to real frames", args.snap_data)) if on]
+        desc = DESCRIPTIONS[name] + (f" ({', '.join(extras)})" if name == "cem" and extras else "")
         lines.append(f"| {name}: {desc} | {100 * s['success_rate']:.0f}% ({s['successes']}/{s['goals']}) | {mean} | {median} |")
     return "\n".join(lines) + "\n"
 

@@ -205,6 +205,22 @@ def test_rollout_feeds_back_the_projected_latent():
     assert torch.allclose(fed[:, 1], 0.5 * expected, atol=1e-6)
 
 
+def test_latent_memory_snaps_to_the_nearest_real_latent():
+    from errors import UserError
+    from latents import LatentMemory
+
+    torch.manual_seed(0)
+    bank = torch.randn(50, 32)
+    memory = LatentMemory(torch.cat([bank, bank[:10]]))  # duplicates are dropped
+    assert len(memory) == 50
+    queries = torch.cat([bank[[3, 7]] + 0.01, torch.randn(5, 32)])
+    snapped = memory.snap(queries, chunk=3)
+    brute = bank[torch.cdist(queries, bank).argmin(1)]
+    assert torch.equal(snapped, brute) and torch.equal(snapped[:2], bank[[3, 7]])
+    with pytest.raises(UserError, match="empty"):
+        LatentMemory(torch.zeros(0, 32))
+
+
 def test_policy_with_belief_carries_the_state():
     torch.manual_seed(0)
     planner = _random_planner()
@@ -290,14 +306,15 @@ def test_evaluate_drift_table(v1_run, tmp_path):
         for key in ("latent_mse", "tile_error"):
             assert len(report[name][key]) == 9 and all(math.isfinite(v) for v in report[name][key])
     assert (tmp_path / "drift.png").exists()
-    # --reproject: every imagined latent goes through the VAE before it is fed back, so the curves change
-    done = run("evaluate_drift.py", "--data-dir", v1_run["data"], "--vae-checkpoint", v1_run["vae"],
-               "--probe-checkpoint", v1_run["probe"], "--checkpoint", v1_run["ss"], "--max-files", 1,
-               "--steps", 9, "--reproject", "--out-dir", tmp_path / "re", "--device", "cpu")
-    assert done.returncode == 0, done.stderr[-3000:]
-    again = json.loads((tmp_path / "re" / "drift.json").read_text())
-    assert again["reproject"] is True and all(math.isfinite(v) for v in again["ss"]["tile_error"])
-    assert again["ss"]["latent_mse"] != report["ss"]["latent_mse"] and "re-encoded" in (tmp_path / "re" / "drift.md").read_text()
+    # --reproject / --snap: every imagined latent is projected before it is fed back, so the curves change
+    for flag, key, words in (("--reproject", "reproject", "re-encoded"), ("--snap", "snap", "nearest training frame")):
+        done = run("evaluate_drift.py", "--data-dir", v1_run["data"], "--vae-checkpoint", v1_run["vae"],
+                   "--probe-checkpoint", v1_run["probe"], "--checkpoint", v1_run["ss"], "--max-files", 1,
+                   "--steps", 9, flag, "--out-dir", tmp_path / key, "--device", "cpu")
+        assert done.returncode == 0, done.stderr[-3000:]
+        again = json.loads((tmp_path / key / "drift.json").read_text())
+        assert again[key] is True and all(math.isfinite(v) for v in again["ss"]["tile_error"])
+        assert again["ss"]["latent_mse"] != report["ss"]["latent_mse"] and words in (tmp_path / key / "drift.md").read_text()
 
 
 def test_user_error_is_one_line_exit_2(v1_run, tmp_path, capsys):
@@ -318,7 +335,7 @@ def test_run_planner(v1_run, start_state_file, tmp_path):
     done = run("run_planner.py", "--save-state", start_state_file, "--vae-checkpoint", v1_run["vae"],
                       "--probe-checkpoint", v1_run["probe"], "--checkpoint", v1_run["ss"], "--goals", 2,
                       "--max-steps", 6, "--cem-population", 16, "--cem-iterations", 2, "--out-dir", tmp_path, "--device", "cpu",
-                      "--start-walk", 30, "--start-states", 2, "--belief")
+                      "--start-walk", 30, "--start-states", 2, "--belief", "--snap-data", v1_run["data"])
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp_path / "planner.json").read_text())
     assert set(report["summary"]) == {"mpc", "cem", "greedy", "random"}
@@ -327,7 +344,7 @@ def test_run_planner(v1_run, start_state_file, tmp_path):
     # the explorer walked 30 actions to make each start state: not the game's first tile (3, 5) any more
     assert any(e["start"] != [3, 5] for e in report["episodes"]["random"])
     table = (tmp_path / "planner.md").read_text()
-    assert "| random: random buttons |" in table and "| cem: world model + CEM (belief state) |" in table
+    assert "| random: random buttons |" in table and "| cem: world model + CEM (belief state, snapped to real frames) |" in table
 
 
 def test_demo_videos(v1_run, start_state_file, tmp_path):
