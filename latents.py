@@ -101,6 +101,18 @@ class LatentMemory:
     def of_rows(cls, vae, data: V1Data, rows: np.ndarray, device: str) -> "LatentMemory":
         return cls(encode_rows(vae, data, np.asarray(rows), device))
 
+    @classmethod
+    def of_data_dir(cls, vae, data_dir, device: str) -> "LatentMemory":
+        """The latents of every frame collected in `data_dir` (chunks at the VAE's resolution)."""
+        seqs = PokemonDataset(data_dir, seq_len=1)
+        if tuple(seqs.obs.shape[1:3]) != (vae.config.height, vae.config.width):
+            raise UserError(f"{data_dir} holds {seqs.obs.shape[1]}x{seqs.obs.shape[2]} frames, the VAE reads "
+                            f"{vae.config.height}x{vae.config.width}; pass data collected at the VAE's --resolution")
+        none = np.zeros(0, np.int64)
+        memory = cls.of_rows(vae, V1Data(seqs, 1, none, none, none, none), np.arange(seqs.num_rows), device)
+        print(f"latent memory: {len(memory):,} distinct latents of {seqs.num_rows:,} frames in {data_dir}")
+        return memory
+
     def __len__(self) -> int:
         return len(self.latents)
 

@@ -17,7 +17,7 @@ from artifacts import panel, side_by_side, write_video
 from env import ACTIONS, DEFAULT_ROM, PokemonEnv
 from checkpoint import resolve_device
 from errors import UserError, cli
-from latents import load_network
+from latents import LatentMemory, load_network
 from planner import LatentPlanner
 
 WALK_LOOP = ["right"] * 6 + ["down"] * 6 + ["left"] * 6 + ["up"] * 6
@@ -30,6 +30,9 @@ def parse_args(argv=None):
     p.add_argument("--vae-checkpoint", default="checkpoints/vae_v1/best_vae.pt", help="v1 VAE")
     p.add_argument("--checkpoint", default="checkpoints/dynamics_v1/best_dynamics.pt", help="v1 latent dynamics")
     p.add_argument("--actions", default=",".join(WALK_LOOP), help="comma-separated action names played in a loop: " + " ".join(ACTIONS))
+    p.add_argument("--snap-data", default=None,
+                   help="ours: a folder of collected chunks at the VAE's resolution; every imagined latent is snapped to "
+                        "the nearest latent of its frames before it is fed back (default: the plain open loop)")
     p.add_argument("--max-steps", type=int, default=30, help="actions played (video frames after the first)")
     p.add_argument("--ticks-per-action", type=int, default=24, help="emulator frames per action")
     p.add_argument("--fps", type=float, default=5.0, help="video frames per second")
@@ -67,14 +70,15 @@ def main(argv=None):
     finally:
         env.close()
     z0 = planner.encode(real[0])  # (1, D)
+    snap = LatentMemory.of_data_dir(planner.vae, args.snap_data, args.device).snap if args.snap_data else None
     with torch.no_grad():
-        latents, _ = planner.dynamics.rollout(z0, torch.tensor([actions], device=args.device))  # (1, K, D)
+        latents, _ = planner.dynamics.rollout(z0, torch.tensor([actions], device=args.device), project=snap)  # (1, K, D)
     imagined = planner.decode(torch.cat([z0, latents[0]]))  # (K+1, H, W, 3); frame 0 = the start frame's reconstruction
     frames = []
     for t, (r, m) in enumerate(zip(real, imagined)):
         label = "start" if t == 0 else f"step {t}: {ACTIONS[actions[t - 1]]}"
         frames.append(side_by_side([panel(r, f"real  {label}", args.scale),
-                                    panel(m, "imagined (v1, open loop)" if t else "imagined: reconstruction", args.scale)]))
+                                    panel(m, f"imagined (v1, open loop{', snapped' if snap else ''})" if t else "imagined: reconstruction", args.scale)]))
     out = Path(args.out_video)
     write_video(frames, out, fps=args.fps)
     if args.gif:

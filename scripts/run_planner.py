@@ -26,8 +26,7 @@ from artifacts import write_json, write_text
 from env import DEFAULT_ROM, PokemonEnv
 from checkpoint import resolve_device
 from errors import UserError, cli
-from dataset import PokemonDataset
-from latents import LatentMemory, V1Data, load_network
+from latents import LatentMemory, load_network
 from planner import GreedyPolicy, LatentPlanner, PlannerPolicy, RandomPolicy, run_goal_episode, sample_goal, walk_start_states
 
 DESCRIPTIONS = {
@@ -78,18 +77,6 @@ def parse_args(argv=None):
     return args
 
 
-def frame_memory(vae, data_dir, device) -> LatentMemory:
-    """The latents of every frame collected in `data_dir`, at the VAE's resolution."""
-    seqs = PokemonDataset(data_dir, seq_len=1)
-    if tuple(seqs.obs.shape[1:3]) != (vae.config.height, vae.config.width):
-        raise UserError(f"--snap-data {data_dir} holds {seqs.obs.shape[1]}x{seqs.obs.shape[2]} frames, the VAE reads "
-                        f"{vae.config.height}x{vae.config.width}; pass data collected at the VAE's --resolution")
-    data = V1Data(seqs, 1, np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64))
-    memory = LatentMemory.of_rows(vae, data, np.arange(seqs.num_rows), device)
-    print(f"latent memory: {len(memory):,} distinct latents of {seqs.num_rows:,} frames in {data_dir}")
-    return memory
-
-
 def world_model_policies(args) -> dict:
     """One PlannerPolicy per --planner method, sharing the three networks."""
     vae = load_network(args.vae_checkpoint, "vae", args.device)
@@ -97,7 +84,7 @@ def world_model_policies(args) -> dict:
     probe = load_network(args.probe_checkpoint, "probe", args.device)
     planners = {m: LatentPlanner(vae, dynamics, probe, device=args.device) for m in args.planner}
     if args.snap_data and "cem" in planners:
-        planners["cem"].memory = frame_memory(vae, args.snap_data, args.device)
+        planners["cem"].memory = LatentMemory.of_data_dir(vae, args.snap_data, args.device)
     kwargs = {"mpc": {}, "cem": {"population": args.cem_population, "iterations": args.cem_iterations}}
     return {m: PlannerPolicy(planners[m], method=m, horizon=args.horizon, execute_steps=args.execute_steps, seed=args.seed,
                              plan_kwargs=kwargs[m], belief=args.belief and m == "cem") for m in args.planner}

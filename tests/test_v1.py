@@ -350,7 +350,7 @@ def test_run_planner(v1_run, start_state_file, tmp_path):
 def test_demo_videos(v1_run, start_state_file, tmp_path):
     done = run("generate_demo_video.py", "--save-state", start_state_file, "--vae-checkpoint", v1_run["vae"],
                       "--checkpoint", v1_run["ss"], "--max-steps", 4, "--out-video", tmp_path / "demo.mp4", "--gif",
-                      "--device", "cpu")
+                      "--device", "cpu", "--snap-data", v1_run["data"])
     assert done.returncode == 0, done.stderr[-3000:]
     done = run("generate_planner_demo.py", "--save-state", start_state_file, "--vae-checkpoint", v1_run["vae"],
                       "--probe-checkpoint", v1_run["probe"], "--checkpoint", v1_run["ss"], "--planner", "mpc",
