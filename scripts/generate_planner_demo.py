@@ -19,7 +19,7 @@ from artifacts import panel, side_by_side, write_video
 from env import ACTIONS, DEFAULT_ROM, PokemonEnv
 from checkpoint import resolve_device
 from errors import UserError, cli
-from latents import load_network
+from latents import LatentMemory, load_network
 from planner import Goal, LatentPlanner, PlannerPolicy, run_goal_episode, sample_goal
 
 
@@ -38,6 +38,7 @@ def parse_args(argv=None):
     p.add_argument("--horizon", type=int, default=15, help="length of every imagined action sequence")
     p.add_argument("--execute-steps", type=int, default=5, help="actions of each plan run before replanning")
     p.add_argument("--belief", action="store_true", help="CEM: imagine from the GRU state carried along the episode")
+    p.add_argument("--snap-data", default=None, help="CEM: snap imagined latents to the frames collected in this folder")
     p.add_argument("--ticks-per-action", type=int, default=24, help="emulator frames per action")
     p.add_argument("--seed", type=int, default=0, help="seed of the drawn goal and the planner")
     p.add_argument("--fps", type=float, default=5.0, help="video frames per second")
@@ -79,6 +80,8 @@ def main(argv=None):
     planner = LatentPlanner(load_network(args.vae_checkpoint, "vae", args.device),
                             load_network(args.checkpoint, "dynamics", args.device),
                             load_network(args.probe_checkpoint, "probe", args.device), device=args.device)
+    if args.snap_data and args.planner == "cem":
+        planner.memory = LatentMemory.of_data_dir(planner.vae, args.snap_data, args.device)
     config = planner.vae.config
     env = PokemonEnv(rom=args.rom, save_states=[args.save_state] if args.save_state else None,
                      resolution=(config.height, config.width), ticks_per_action=args.ticks_per_action, episode_length=10 ** 9)

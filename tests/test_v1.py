@@ -353,8 +353,8 @@ def test_demo_videos(v1_run, start_state_file, tmp_path):
                       "--device", "cpu", "--snap-data", v1_run["data"])
     assert done.returncode == 0, done.stderr[-3000:]
     done = run("generate_planner_demo.py", "--save-state", start_state_file, "--vae-checkpoint", v1_run["vae"],
-                      "--probe-checkpoint", v1_run["probe"], "--checkpoint", v1_run["ss"], "--planner", "mpc",
-                      "--max-steps", 4, "--out-video", tmp_path / "plan.mp4", "--device", "cpu")
+                      "--probe-checkpoint", v1_run["probe"], "--checkpoint", v1_run["ss"], "--planner", "cem",
+                      "--belief", "--snap-data", v1_run["data"], "--max-steps", 4, "--out-video", tmp_path / "plan.mp4", "--device", "cpu")
     assert done.returncode == 0, done.stderr[-3000:]
     import imageio.v2 as imageio
 
