@@ -57,10 +57,15 @@ def parse_args(argv=None):
                    help="stop cleanly after this much wall-clock time (evaluates and saves first)")
     p.add_argument("--steps-per-epoch", type=int, default=None, help="cap on batches per epoch")
     p.add_argument("--val-batches", type=int, default=20, help="cap on validation batches per evaluation")
+    p.add_argument("--val-every", type=int, default=0,
+                   help="also validate every N batches (PSNR against training seconds in metrics.jsonl, for "
+                        "time-to-quality; RNG untouched, so training is the same as without); 0: only per epoch")
     p.add_argument("--checkpoint-every", type=int, default=500, help="write checkpoint_latest.pt every N batches")
     p.add_argument("--log-every", type=int, default=10, help="log training metrics every N batches")
     p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint_latest.pt")
     args = p.parse_args(argv)
+    if args.val_every < 0:
+        raise UserError(f"--val-every must be >= 0, got {args.val_every}")
     for name in ("epochs", "batch_size", "save_interval", "checkpoint_every", "log_every", "val_batches"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
@@ -262,6 +267,7 @@ def main(argv=None):
                                    extra={"epoch": epoch, "metrics": metrics, "run_config": vars(args)})
 
     started = time.perf_counter()
+    train_seconds = 0.0  # time spent in training batches only (this process, since this start or resume)
     frames_per_batch = global_batch * args.seq_len
     stop = False
     epoch = start_epoch
@@ -295,6 +301,7 @@ def main(argv=None):
             step += 1
             dt = time.perf_counter() - t0
             epoch_time += dt
+            train_seconds += dt
             values = {"total": total.item(), **{k: v.item() for k, v in losses.items()}, **metrics}
             for k, v in values.items():
                 sums[k] = sums.get(k, 0.0) + v
@@ -306,6 +313,11 @@ def main(argv=None):
                                 "loss/total": values["total"], "train/psnr": metrics["psnr"], "train/kl": metrics["kl"],
                                 "train/grad_norm": grad_norm.item(), "perf/frames_per_s": frames_per_batch / dt},
                                epoch_end=False)
+                if args.val_every and step % args.val_every == 0 and len(val_starts):
+                    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                        val = evaluate(wm, ds, val_starts, args.batch_size, args.val_batches, device)
+                    log.record({"step": step, "epoch": epoch + 1, "eval/psnr_during": val["psnr"],
+                                "loss/val_during": val["loss"], "perf/train_s": train_seconds}, epoch_end=False)
                 if step % args.checkpoint_every == 0:
                     save_latest(epoch, i + 1)
             if out_of_time:

@@ -342,8 +342,9 @@ def test_kill_and_resume_equals_an_uninterrupted_run(data_dir, tmp_path):
     script = [sys.executable, str(REPO / "scripts" / "train_rssm.py"), *map(str, args), "--out-dir"]
     straight = subprocess.Popen([*script, str(tmp_path / "straight")], cwd=REPO, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True)  # runs alongside the one we kill
-    killed_dir = tmp_path / "killed"
-    process = subprocess.Popen([*script, str(killed_dir)], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    killed_dir = tmp_path / "killed"  # also validates every 3 batches: that must not change the training
+    process = subprocess.Popen([*script, str(killed_dir), "--val-every", "3"], cwd=REPO, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
     latest, deadline = killed_dir / "checkpoint_latest.pt", time.time() + 120
     while time.time() < deadline and process.poll() is None:
         if latest.exists() and checkpoint.load_checkpoint(latest)["step"] >= 4:
@@ -353,7 +354,7 @@ def test_kill_and_resume_equals_an_uninterrupted_run(data_dir, tmp_path):
     assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"
     killed_at = checkpoint.load_checkpoint(latest)["step"]
     assert killed_at < 16
-    resumed = run_script("train_rssm.py", *args, "--out-dir", killed_dir, "--resume")
+    resumed = run_script("train_rssm.py", *args, "--out-dir", killed_dir, "--resume", "--val-every", 3)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert straight.wait(timeout=120) == 0, straight.stderr.read()[-3000:]
 
@@ -362,8 +363,11 @@ def test_kill_and_resume_equals_an_uninterrupted_run(data_dir, tmp_path):
     assert a["step"] == b["step"] == 16
     for key, value in a["model_state"].items():
         torch.testing.assert_close(b["model_state"][key], value, rtol=1e-5, atol=1e-6, msg=key)
-    steps = [json.loads(line)["step"] for line in (killed_dir / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (killed_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records]
     assert steps == sorted(steps), "records written after the checkpoint were kept on resume"
+    during = [r for r in records if "eval/psnr_during" in r]
+    assert [r["step"] for r in during][-3:] == [9, 12, 15] and all(r["perf/train_s"] > 0 for r in during)
 
 
 def test_evaluate_rssm_writes_k_finite_rows_for_two_checkpoints(tiny_run, data_dir, tmp_path):
