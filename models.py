@@ -123,7 +123,7 @@ class LatentDynamics(nn.Module):
         self.head = nn.Sequential(nn.Linear(config.hidden, config.hidden), nn.ReLU(), nn.Linear(config.hidden, config.latent_dim))
         self.reward_head = nn.Sequential(nn.Linear(config.hidden, 64), nn.ReLU(), nn.Linear(64, 1))
         if config.init_from_latent:
-            self.init = nn.Linear(config.latent_dim, config.hidden)
+            self.state_init = nn.Linear(config.latent_dim, config.hidden)
         if config.state_scale > 0:  # (x, y) | map logits | 4 facings, read off h
             self.state_head = nn.Sequential(nn.Linear(config.hidden, config.hidden), nn.ReLU(),
                                             nn.Linear(config.hidden, 2 + config.num_maps + 4))
@@ -131,7 +131,7 @@ class LatentDynamics(nn.Module):
     def initial_state(self, z0: torch.Tensor) -> torch.Tensor:
         """The GRU state before the first action, from the first latent z0 (B,D) -> (B,H)."""
         if self.config.init_from_latent:
-            return torch.tanh(self.init(z0))
+            return torch.tanh(self.state_init(z0))
         return z0.new_zeros(z0.shape[0], self.config.hidden)  # the original: zeros
 
     def step(self, z: torch.Tensor, action: torch.Tensor, h: torch.Tensor):

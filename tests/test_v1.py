@@ -164,7 +164,7 @@ def test_state_heads_and_learned_initial_state():
     assert set(parts) == {"latent", "reward", "state"} and parts["state"] > 0
     assert total.item() == pytest.approx(parts["latent"] + parts["reward"] + 3.0 * parts["state"], rel=1e-5)
     total.backward()
-    assert dynamics.init.weight.grad.abs().sum() > 0 and dynamics.cell.weight_hh.grad.abs().sum() > 0
+    assert dynamics.state_init.weight.grad.abs().sum() > 0 and dynamics.cell.weight_hh.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="facings"):
         dynamics.loss(z, actions, rewards, 0.5, None, {k: v for k, v in places.items() if k != "facing"})
 
