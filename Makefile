@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 ROM    ?= cartridge/pokedreamer.gb
 OUT    ?= outputs/demo
 
-.PHONY: setup test demo cartridge sdcc clean
+.PHONY: setup test demo demo-v1 cartridge sdcc clean
 
 # demo budget: collected steps and minutes of world-model training (about 25 minutes in all on 2 cores)
 DEMO_STEPS          ?= 20000
@@ -46,6 +46,32 @@ demo: setup
 	    --save-state $(OUT)/start.state --out-video $(OUT)/side_by_side.mp4 --gif $(OUT)/side_by_side.gif
 	$(PY) scripts/evaluate_rssm.py --checkpoints $(OUT)/rssm/best_world_model.pt --data-dir $(OUT)/data --out-dir $(OUT)/eval
 	@echo "demo outputs in $(OUT)/: side_by_side.mp4 / .gif, rssm/ (checkpoints, metrics, loss plot), eval/ (drift table, plots)"
+
+# v1 end to end, the README's "v1" chain: 36x40 explorer data, VAE, RAM probe, dynamics with scheduled
+# sampling (SS) and its teacher-forcing ablation (TF), the drift table with snapped rollouts, and the
+# planner table (CEM with belief state and snapping vs the original's MPC, greedy and random).
+# About 45 minutes on 2 cores at these budgets; V1_STEPS=20000 V1_VAE_EPOCHS=1 V1_GOALS=10 is a short taste.
+V1_OUT        ?= outputs/demo_v1
+V1_STEPS      ?= 100000
+V1_VAE_EPOCHS ?= 3
+V1_GOALS      ?= 40
+V1_DATA       := $(V1_OUT)/data
+V1_NETS       := --vae-checkpoint $(V1_OUT)/vae/best_vae.pt --probe-checkpoint $(V1_OUT)/probe/best_probe.pt
+
+demo-v1: setup
+	$(PY) scripts/collect_data.py --rom $(ROM) --policy explore --total-steps $(V1_STEPS) --episode-length 1000 \
+	    --save-interval 5000 --seed 2 --resolution 36x40 --workers 2 --out-dir $(V1_DATA)
+	$(PY) scripts/train_vae.py --data-dir $(V1_DATA) --epochs $(V1_VAE_EPOCHS) --out-dir $(V1_OUT)/vae
+	$(PY) scripts/train_probe.py --data-dir $(V1_DATA) --vae-checkpoint $(V1_OUT)/vae/best_vae.pt --out-dir $(V1_OUT)/probe
+	$(PY) scripts/train_dynamics.py --data-dir $(V1_DATA) --vae-checkpoint $(V1_OUT)/vae/best_vae.pt --window-stride 10 \
+	    --out-dir $(V1_OUT)/dynamics_ss
+	$(PY) scripts/train_dynamics.py --data-dir $(V1_DATA) --vae-checkpoint $(V1_OUT)/vae/best_vae.pt --window-stride 10 \
+	    --no-scheduled-sampling --out-dir $(V1_OUT)/dynamics_tf
+	$(PY) scripts/evaluate_drift.py --data-dir $(V1_DATA) $(V1_NETS) --checkpoint $(V1_OUT)/dynamics_ss/best_dynamics.pt \
+	    --ablation-checkpoint $(V1_OUT)/dynamics_tf/best_dynamics.pt --snap --out-dir $(V1_OUT)/drift
+	$(PY) scripts/run_planner.py --rom $(ROM) $(V1_NETS) --checkpoint $(V1_OUT)/dynamics_ss/best_dynamics.pt --belief \
+	    --snap-data $(V1_DATA) --execute-steps 1 --goals $(V1_GOALS) --start-walk 150 --start-states 10 --out-dir $(V1_OUT)/planner
+	@echo "v1 outputs in $(V1_OUT)/: drift/drift.md (SS vs TF, snapped), planner/planner.md, and every stage's checkpoints and plots"
 
 clean:
 	rm -rf $(VENV) outputs

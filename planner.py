@@ -6,7 +6,8 @@ open-loop with the plan's actions, read the final latent with the RAM probe, and
 probe predicts a battle and -10 if it predicts an open dialog (the original's score). The CEM
 planner (ours) scores the whole imagined path instead: the best step's score less a small cost per
 step, so a plan that reaches the goal early is not marked down for walking on past it (the episode
-ends on the goal tile).
+ends on the goal tile). It can also imagine from the GRU state carried along the episode (belief)
+and snap every imagined latent to the nearest real frame's (`latents.LatentMemory`).
 """
 from __future__ import annotations
 
