@@ -50,7 +50,7 @@ demo: setup
 # v1 end to end, the README's "v1" chain: 36x40 explorer data, VAE, RAM probe, dynamics with scheduled
 # sampling (SS) and its teacher-forcing ablation (TF), the drift table with snapped rollouts, and the
 # planner table (CEM with belief state and snapping vs the original's MPC, greedy and random).
-# About 45 minutes on 2 cores at these budgets; V1_STEPS=20000 V1_VAE_EPOCHS=1 V1_GOALS=10 is a short taste.
+# Roughly 40 minutes on 2 cores at these budgets; V1_STEPS=10000 V1_VAE_EPOCHS=1 V1_GOALS=4 is a 6-minute taste.
 V1_OUT        ?= outputs/demo_v1
 V1_STEPS      ?= 100000
 V1_VAE_EPOCHS ?= 3
