@@ -14,6 +14,8 @@ Writes drift.md (the project page's table), drift.json and drift.png to --out-di
 improvement column (TF tile error / SS tile error). The "probe floor" is the probe's error on
 the real frames' latents: the best a rollout could score; the "static baseline" reads z_0 at
 every step (a model that predicts no motion), which a useful rollout must beat.
+With --snap (ours) every imagined latent is replaced by the nearest latent of a training frame
+before it is fed back (`latents.LatentMemory`); with --reproject it is decoded and encoded again.
 """
 import argparse
 from pathlib import Path
@@ -159,7 +161,8 @@ def main(argv=None):
     table = LatentTable(vae, data, args.device, rows=np.unique(starts[:, None] + np.arange(seq_len)))
     project = None
     if args.reproject:
-        project = lambda z: vae.encode(vae.decode(z))[0]  # noqa: E731
+        def project(z):
+            return vae.encode(vae.decode(z))[0]
     elif args.snap:
         memory = LatentMemory.of_rows(vae, data, data.train_rows, args.device)
         print(f"latent memory: {len(memory):,} distinct latents of {len(data.train_rows):,} training frames")
