@@ -57,10 +57,11 @@ def load_v1_data(data_dir, seq_len: int = 30, val_split: float = 0.1, seed: int 
 
 
 @torch.no_grad()
-def encode_rows(vae, data: V1Data, rows: np.ndarray, device: str, batch_size: int = 512) -> torch.Tensor:
-    """VAE latent means of global rows -> (N, D) on `device`."""
+def encode_rows(vae, obs: np.ndarray, rows: np.ndarray, device: str, batch_size: int = 512) -> torch.Tensor:
+    """VAE latent means of the frames obs[rows] (obs: a dataset's uint8 (N, H, W, 3) frames) -> (len(rows), D) on `device`."""
     vae.eval()
-    chunks = [vae.encode(data.frames(rows[i:i + batch_size], device))[0] for i in range(0, len(rows), batch_size)]
+    rows = np.asarray(rows)
+    chunks = [vae.encode(frames_to_float(obs[rows[i:i + batch_size]], device))[0] for i in range(0, len(rows), batch_size)]
     return torch.cat(chunks) if chunks else torch.zeros(0, vae.config.latent_dim, device=device)
 
 
@@ -71,7 +72,7 @@ class LatentTable:
         rows = np.union1d(data.train_rows, data.val_rows) if rows is None else np.asarray(rows)
         self.index = np.full(int(rows.max()) + 1, -1, dtype=np.int64)
         self.index[rows] = np.arange(len(rows))
-        self.latents = encode_rows(vae, data, rows, device)  # (R, D)
+        self.latents = encode_rows(vae, data.seqs.obs, rows, device)  # (R, D)
 
     def windows(self, starts: np.ndarray, seq_len: int) -> torch.Tensor:
         """Latents of T-step windows -> (B, T, D)."""
@@ -98,18 +99,13 @@ class LatentMemory:
         self.sq_norms = (self.latents ** 2).sum(1)  # (N,)
 
     @classmethod
-    def of_rows(cls, vae, data: V1Data, rows: np.ndarray, device: str) -> "LatentMemory":
-        return cls(encode_rows(vae, data, np.asarray(rows), device))
-
-    @classmethod
     def of_data_dir(cls, vae, data_dir, device: str) -> "LatentMemory":
         """The latents of every frame collected in `data_dir` (chunks at the VAE's resolution)."""
         seqs = PokemonDataset(data_dir, seq_len=1)
         if tuple(seqs.obs.shape[1:3]) != (vae.config.height, vae.config.width):
             raise UserError(f"{data_dir} holds {seqs.obs.shape[1]}x{seqs.obs.shape[2]} frames, the VAE reads "
                             f"{vae.config.height}x{vae.config.width}; pass data collected at the VAE's --resolution")
-        none = np.zeros(0, np.int64)
-        memory = cls.of_rows(vae, V1Data(seqs, 1, none, none, none, none), np.arange(seqs.num_rows), device)
+        memory = cls(encode_rows(vae, seqs.obs, np.arange(seqs.num_rows), device))
         print(f"latent memory: {len(memory):,} distinct latents of {seqs.num_rows:,} frames in {data_dir}")
         return memory
 

@@ -112,6 +112,17 @@ class DynamicsConfig:
             raise ValueError(f"bad DynamicsConfig {self}")
 
 
+STATE_COORD_SCALE = 16.0  # the state heads regress tile coordinates / 16
+
+
+def place_loss(read: dict, places: dict, coord_scale: float) -> torch.Tensor:
+    """Scaled position MSE + map cross-entropy of a reading {"xy": (N, 2), "map_logits": (N, M)} of the
+    steps after the first of windows against RAM's `places` {"xy": (B, T, 2), "map_id": (B, T)}, N = B*(T-1)."""
+    xy = places["xy"][:, 1:].reshape(-1, 2).float()
+    return (F.mse_loss(read["xy"] / coord_scale, xy / coord_scale)
+            + F.cross_entropy(read["map_logits"], places["map_id"][:, 1:].reshape(-1).long()))
+
+
 class LatentDynamics(nn.Module):
     """h' = GRUCell([z, embed(a)], h); z' = z + head(h'); r = reward_head(h')."""
 
@@ -136,7 +147,7 @@ class LatentDynamics(nn.Module):
 
     def step(self, z: torch.Tensor, action: torch.Tensor, h: torch.Tensor):
         """z (B,D), action (B,) int64, h (B,H) -> next z (B,D), reward (B,), next h (B,H)."""
-        h = self.cell(torch.cat([z, self.embed(action)], dim=-1), h)  # (B, 256)
+        h = self.observe(z, action, h)  # (B, 256)
         return z + self.head(h), self.reward_head(h).squeeze(-1), h
 
     def unroll(self, z: torch.Tensor, actions: torch.Tensor, teacher_forcing: float = 1.0, generator=None,
@@ -203,7 +214,7 @@ class LatentDynamics(nn.Module):
         pred_z, pred_r = self.unroll(z, actions, teacher_forcing, states=states)
         return self.loss_of(pred_z, pred_r, z, rewards, probe, places, states)
 
-    def read_state(self, h: torch.Tensor, coord_scale: float = 16.0) -> dict:
+    def read_state(self, h: torch.Tensor, coord_scale: float = STATE_COORD_SCALE) -> dict:
         """The state heads on GRU states h (N,H): tile (x, y) (N,2), map logits (N,M), facing logits (N,4)."""
         out = self.state_head(h)
         return {"xy": out[:, :2] * coord_scale, "map_logits": out[:, 2:-4], "facing_logits": out[:, -4:]}
@@ -216,20 +227,15 @@ class LatentDynamics(nn.Module):
         if self.config.state_scale > 0:
             if states is None or places is None or "facing" not in places:
                 raise ValueError("state_scale > 0 needs the unroll's GRU states and the RAM places with facings")
-            read = self.read_state(torch.stack(states, 1).reshape(-1, self.config.hidden))
-            xy = places["xy"][:, 1:].reshape(-1, 2).float()
-            losses["state"] = (F.mse_loss(read["xy"] / 16.0, xy / 16.0)
-                               + F.cross_entropy(read["map_logits"], places["map_id"][:, 1:].reshape(-1).long())
+            read = self.read_state(torch.stack(states, 1).reshape(-1, self.config.hidden), STATE_COORD_SCALE)
+            losses["state"] = (place_loss(read, places, STATE_COORD_SCALE)
                                + F.cross_entropy(read["facing_logits"], places["facing"][:, 1:].reshape(-1).long()))
             weights["state"] = self.config.state_scale
         if self.config.probe_scale > 0:
             if probe is None or places is None:
                 raise ValueError("probe_scale > 0 needs the frozen probe and the RAM places of the windows")
-            out = probe(pred_z.reshape(-1, pred_z.shape[-1]))
-            scale = probe.config.coord_scale
-            xy = places["xy"][:, 1:].reshape(-1, 2).float()
-            losses["probe"] = (F.mse_loss(out["xy"] / scale, xy / scale)
-                               + F.cross_entropy(out["map_logits"], places["map_id"][:, 1:].reshape(-1).long()))
+            read = probe(pred_z.reshape(-1, pred_z.shape[-1]))
+            losses["probe"] = place_loss(read, places, probe.config.coord_scale)
             weights["probe"] = self.config.probe_scale
         assert losses.keys() == weights.keys()
         return sum(weights[k] * losses[k] for k in losses), {k: v.item() for k, v in losses.items()}

@@ -83,10 +83,10 @@ class LatentPlanner:
         """z0 (1, D), sequences (N, L) -> latents (N, L, D) and the probe's reading of every step.
         h0 (1, H): the GRU state filtered over the episode's real frames so far (None: from z0 alone)."""
         actions = torch.as_tensor(sequences, device=self.device)
-        n = actions.shape[0]
+        n, steps = actions.shape
         latents, _ = self.dynamics.rollout(z0.expand(n, -1), actions, None if h0 is None else h0.expand(n, -1),
                                            project=self.memory.snap if self.memory is not None else None)  # (N, L, D)
-        n, steps, dim = latents.shape
+        dim = latents.shape[-1]
         out = self.probe(latents.reshape(n * steps, dim))
         return latents, {k: v.reshape(n, steps, *v.shape[1:]) for k, v in out.items()}
 
@@ -128,10 +128,11 @@ class LatentPlanner:
         )
 
     def plan_mpc(self, frame: np.ndarray, goal: Goal, length: int = 15, rng: np.random.Generator | None = None,
-                 h0: torch.Tensor | None = None) -> Plan:
-        """Score the fixed macro candidates and return the best."""
+                 h0: torch.Tensor | None = None, z0: torch.Tensor | None = None) -> Plan:
+        """Score the fixed macro candidates and return the best (z0: the frame's latent, if already encoded)."""
         candidates = candidate_macros(length, rng=rng)
-        return self._plan(candidates, *self.evaluate(self.encode(frame), candidates, goal, h0=h0))
+        z0 = self.encode(frame) if z0 is None else z0
+        return self._plan(candidates, *self.evaluate(z0, candidates, goal, h0=h0))
 
     def plan_cem(
         self,
@@ -145,6 +146,7 @@ class LatentPlanner:
         rng: np.random.Generator | None = None,
         banned_first: frozenset = frozenset(),
         h0: torch.Tensor | None = None,
+        z0: torch.Tensor | None = None,
     ) -> Plan:
         """Cross-entropy method over per-step action distributions, seeded with the macros.
 
@@ -154,10 +156,11 @@ class LatentPlanner:
         best macro-sequence (the rollout is deterministic). Sequences are scored by their path
         (`score_path`). Sequences starting with an action in `banned_first` are never chosen
         (the policy bans a first action that changed nothing in the real game twice in a row).
-        h0 is the belief state (`PlannerPolicy` with belief) the rollouts start from.
+        h0 is the belief state (`PlannerPolicy` with belief) the rollouts start from; z0 the frame's
+        latent when the caller has encoded it already.
         """
         rng = rng or np.random.default_rng(0)
-        z0 = self.encode(frame)
+        z0 = self.encode(frame) if z0 is None else z0
         probs = np.full((length, 8), 1.0 / 8)  # (L, 8)
         carry = candidate_macros(length, rng=rng)
         for _ in range(iterations):
@@ -263,6 +266,7 @@ class PlannerPolicy:
         kwargs = dict(self.plan_kwargs)
         if self.belief:
             self._update_belief(obs)
+            kwargs["z0"] = self.last_z  # this frame, encoded once for the belief and the plan
             if self.h is not None:
                 kwargs["h0"] = self.h
         if self.method == "cem":

@@ -78,7 +78,10 @@ class TileCodebook(nn.Module):
         Returns {"distinct": tiles seen, "kept": entries filled, "covered": fraction of tile positions kept}."""
         frames = np.asarray(frames)
         rows = np.arange(len(frames)) if rows is None else np.asarray(rows)
-        parts = lambda: (frames[rows[start:start + batch]] for start in range(0, len(rows), batch))  # noqa: E731
+
+        def parts():
+            return (frames[rows[start:start + batch]] for start in range(0, len(rows), batch))
+
         if frames.ndim != 4 or frames.shape[1:3] != (self.grid[0] * TILE, self.grid[1] * TILE):
             raise ValueError(f"fit needs (N, {self.grid[0] * TILE}, {self.grid[1] * TILE}, 3) frames, "
                              f"got {frames.shape}")

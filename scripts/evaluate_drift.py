@@ -27,7 +27,7 @@ from tqdm import tqdm
 from artifacts import save_figure, write_json, write_text
 from checkpoint import load_checkpoint, resolve_device
 from errors import UserError, cli
-from latents import LatentMemory, LatentTable, load_network, load_v1_data
+from latents import LatentMemory, LatentTable, encode_rows, load_network, load_v1_data
 
 
 def parse_args(argv=None):
@@ -164,7 +164,7 @@ def main(argv=None):
         def project(z):
             return vae.encode(vae.decode(z))[0]
     elif args.snap:
-        memory = LatentMemory.of_rows(vae, data, data.train_rows, args.device)
+        memory = LatentMemory(encode_rows(vae, data.seqs.obs, data.train_rows, args.device))
         print(f"latent memory: {len(memory):,} distinct latents of {len(data.train_rows):,} training frames")
         project = memory.snap
     curves = {name: drift_curves(model, probe, table, data, starts, args.steps, args.batch_size, project)

@@ -80,7 +80,7 @@ def main(argv=None):
     planner = LatentPlanner(load_network(args.vae_checkpoint, "vae", args.device),
                             load_network(args.checkpoint, "dynamics", args.device),
                             load_network(args.probe_checkpoint, "probe", args.device), device=args.device)
-    if args.snap_data and args.planner == "cem":
+    if args.snap_data and args.planner == "cem":  # MPC stays the original's
         planner.memory = LatentMemory.of_data_dir(planner.vae, args.snap_data, args.device)
     config = planner.vae.config
     env = PokemonEnv(rom=args.rom, save_states=[args.save_state] if args.save_state else None,
