@@ -40,6 +40,7 @@ from errors import UserError
 from models import Actor, Critic, RSSMConfig, WorldModel, categorical_kl, mlp
 
 ALGOS = ("reinforce", "ppo", "grpo")
+REWARDS = ("world-model", "novelty")
 
 
 @dataclass
@@ -65,6 +66,8 @@ class AgentConfig:
     group: int = 8                  # GRPO: rollouts per start state
     intrinsic_scale: float = 0.0    # weight of the predicted-surprise reward (0: off)
     epsilon: float = 0.0            # PolicyAgent: chance of a uniformly random action when sampling
+    reward: str = "world-model"     # what imagined steps earn: the world model's reward head | "novelty" (NoveltyHead)
+    novelty_memory: int = 20        # "novelty": a tile counts as seen for this many steps (recent_novelty)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -89,6 +92,10 @@ class AgentConfig:
             raise ValueError(f"gamma {self.gamma} must be in (0, 1] and lambda {self.lam} in [0, 1]")
         if self.group < 2:
             raise ValueError(f"GRPO group {self.group} must be at least 2")
+        if self.reward not in REWARDS:
+            raise ValueError(f"reward {self.reward!r} is not one of {', '.join(REWARDS)}")
+        if self.novelty_memory < 1:
+            raise ValueError(f"novelty memory {self.novelty_memory} must be at least 1 step")
 
 
 # --- advantage estimators ---------------------------------------------------------------------
@@ -149,6 +156,7 @@ class PolicyAgent(nn.Module):
         self.wm = WorldModel(wm_cfg)
         self.actor = Actor(wm_cfg)
         self.critic = Critic(wm_cfg)
+        self.novelty = NoveltyHead(wm_cfg) if agent_cfg.reward == "novelty" else None
         self.rng = np.random.default_rng()
         self.reset()
 
@@ -188,6 +196,13 @@ class PolicyAgent(nn.Module):
             h, z, _ = rssm.obs_step(*self.belief, action, embed, sample=False)
         self.belief = (h, z)
         return torch.cat([h, z], -1)
+
+    def imagined_reward(self, feat: torch.Tensor) -> torch.Tensor:
+        """Rewards of imagined steps: feat (N, H+1, F) -> (N, H), by the world model's reward head or,
+        with reward "novelty", the novelty head on each pair of consecutive states."""
+        if self.novelty is not None:
+            return self.novelty.predict(feat[:, :-1], feat[:, 1:])
+        return self.wm.reward_head.predict(feat[:, 1:])
 
     @torch.inference_mode()
     def act(self, obs: np.ndarray, deterministic: bool = False) -> int:
@@ -260,7 +275,8 @@ class Learner(nn.Module):
         roll = imagination.imagine_with_policy(wm, actor, (h, z), cfg.horizon, sample=True)
         feat = roll["feat"].detach()  # (N, H+1, F)
         with torch.no_grad():
-            reward = roll["reward"].detach()  # (N, H)
+            extrinsic = agent.imagined_reward(feat)  # (N, H)
+            reward = extrinsic
             intrinsic = self.surprise(feat[:, 1:]).squeeze(-1).clamp(min=0)
             if cfg.intrinsic_scale > 0:
                 reward = reward + cfg.intrinsic_scale * intrinsic
@@ -307,7 +323,7 @@ class Learner(nn.Module):
         self.updates += 1
         return {
             "loss/actor": actor_loss.item(), "loss/critic": critic_loss.item(), "loss/surprise": surprise_loss.item(),
-            "imag/reward": roll["reward"].mean().item(), "imag/intrinsic": intrinsic.mean().item(),
+            "imag/reward": extrinsic.mean().item(), "imag/intrinsic": intrinsic.mean().item(),
             "imag/return": returns.mean().item(), "imag/value": values.mean().item(),
             "imag/cont": cont.mean().item(), "imag/entropy": roll["entropy"].mean().item(),
             "imag/return_scale": float(scale), "imag/adv_std": adv.std().item(), "imag/ratio_clipped": ratio_clipped,
@@ -320,6 +336,98 @@ class Learner(nn.Module):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 100.0)
         optimizer.step()
+
+
+# --- a reward the world model can predict -----------------------------------------------------
+
+
+def recent_novelty(ds, memory: int) -> np.ndarray:
+    """Per dataset row t: 1.0 if the step t -> t+1 stands the player on a (map, x, y) tile that is not
+    among the tiles of rows t-memory+1 .. t of its sequence (outside battle), else 0.0; 0.0 for a
+    sequence's last row (no next row). The env's new-tile reward counts against the whole episode,
+    which no model state remembers, and its new-map reward pays for every crossing of a map's edge
+    in imagination (a policy learns to walk back and forth over it); this one needs only the last
+    `memory` steps, which the belief can hold, and pays for walking on rather than turning or pacing."""
+    if memory < 1:
+        raise UserError(f"novelty memory must be at least 1 step, got {memory}")
+    a = ds.arrays
+    tiles = (a["map_ids"].astype(np.int64) << 16) | (a["xs"].astype(np.int64) << 8) | a["ys"].astype(np.int64)
+    out = np.zeros(len(tiles), np.float32)
+    segments = ds.segment_ids
+    for t in range(len(tiles) - 1):
+        if segments[t + 1] != segments[t] or a["in_battles"][t + 1]:
+            continue
+        first = t - memory + 1
+        while first < 0 or segments[first] != segments[t]:
+            first += 1
+        out[t] = float(tiles[t + 1] not in tiles[first:t + 1])
+    return out
+
+
+class NoveltyHead(nn.Module):
+    """P(the step from state t to state t+1 stands on a recently unseen tile) from [feat_{t+1}, z_{t+1} - z_t]:
+    the change of the latent between the two states says whether the screen moved (a press into a wall
+    leaves it the same), h_{t+1} what the last steps showed. Trained on replayed windows (fit_novelty_head)."""
+
+    def __init__(self, wm_cfg: RSSMConfig):
+        super().__init__()
+        self.deter = wm_cfg.deter
+        self.net = mlp(wm_cfg.deter + 2 * wm_cfg.stoch * wm_cfg.classes, wm_cfg.head_hidden, 2, 1,
+                       norm=wm_cfg.mlp_norm, act=wm_cfg.mlp_act)
+
+    def forward(self, prev_feat, next_feat):
+        """(..., F), (..., F) -> logits (...)."""
+        change = next_feat[..., self.deter:] - prev_feat[..., self.deter:]
+        return self.net(torch.cat([next_feat, change], -1)).squeeze(-1)
+
+    def predict(self, prev_feat, next_feat):
+        return torch.sigmoid(self(prev_feat, next_feat))
+
+    def loss(self, prev_feat, next_feat, target):
+        return F.binary_cross_entropy_with_logits(self(prev_feat, next_feat), target, reduction="none")
+
+
+def fit_novelty_head(head: NoveltyHead, wm: WorldModel, ds, targets: np.ndarray, train_starts: np.ndarray,
+                     val_starts: np.ndarray, *, steps: int, batch_size: int, seed: int, device, lr: float = 1e-3) -> dict:
+    """Train `head` on `targets` (one per dataset row: the reward of that row's step) from the frozen
+    world model's posterior features of replayed windows. Returns held-out metrics: binary cross-entropy
+    of the head and of always predicting the training mean, and accuracy at 0.5 against the majority's."""
+    from tqdm import tqdm
+
+    optimizer = torch.optim.Adam(head.parameters(), lr=lr)
+    rng = np.random.default_rng(seed)
+    index = np.arange(ds.seq_len)
+
+    def batch_of(starts):
+        batch = ds.get_batch(starts, keys=("obs", "actions"))
+        feat = imagination.observe(wm, frames_to_float(batch["obs"], device), batch["actions"].to(device))["feat"]
+        rows = np.asarray(starts)[:, None] + index[:-1]
+        return feat[:, :-1].clone(), feat[:, 1:].clone(), torch.from_numpy(targets[rows]).to(device)
+
+    wm.eval()
+    head.train()
+    for _ in tqdm(range(steps), desc="fit novelty reward", unit="step", dynamic_ncols=True):
+        prev, nxt, target = batch_of(rng.choice(train_starts, batch_size, replace=len(train_starts) < batch_size))
+        loss = head.loss(prev, nxt, target).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    head.eval()
+    held = val_starts if len(val_starts) else train_starts
+    chosen = rng.choice(held, min(len(held), 8 * batch_size), replace=False)
+    logits, truths = [], []
+    with torch.no_grad():
+        for i in range(0, len(chosen), batch_size):
+            prev, nxt, target = batch_of(chosen[i:i + batch_size])
+            logits.append(head(prev, nxt).flatten()), truths.append(target.flatten())
+    logit, truth = torch.cat(logits), torch.cat(truths)
+    mean = float(np.clip(targets[(np.asarray(train_starts)[:, None] + index[:-1]).ravel()].mean(), 1e-6, 1 - 1e-6))
+    constant = torch.full_like(truth, math.log(mean / (1 - mean)))
+    return {"novelty_fit/bce": float(F.binary_cross_entropy_with_logits(logit, truth)),
+            "novelty_fit/bce_of_mean": float(F.binary_cross_entropy_with_logits(constant, truth)),
+            "novelty_fit/accuracy": float(((logit > 0) == (truth > 0.5)).float().mean()),
+            "novelty_fit/majority_accuracy": float(max(truth.mean(), 1 - truth.mean())),
+            "novelty_fit/target_mean": mean, "novelty_fit/held_out_rows": int(truth.numel())}
 
 
 def train_in_imagination(agent: PolicyAgent, learner: Learner, ds, starts: np.ndarray, *, updates: int,

@@ -10,9 +10,11 @@ Measured, each in its own forked process (so its peak RSS is its own and one can
   collect_1_worker     scripts/collect_data.py --workers 1 (subprocess, fixed step count, its own timer)
   collect_N_workers    the same with --workers N and N times the steps (the same work per worker)
   train_<preset>       world-model training frames/s: PokemonDataset.get_batch on the frames just collected
-                       -> frames_to_float -> forward, backward, grad clip, Adam
+                       -> frames_to_float -> forward, backward, grad clip, Adam, in a process started
+                       the way train_rssm.py starts (checkpoint.keep_freed_memory)
   train_faithful_original   the ORIGINAL's training loop (`original_batch`, `original_forward`) on the same
-                       faithful model, its steps INTERLEAVED with train_faithful's in one process
+                       faithful model (NCHW, the allocator untouched) in a process of its own, its steps
+                       INTERLEAVED with train_faithful's (the two take turns, step by step)
   imagine_<preset>     latent steps/s of the prior alone (imagination.imagine, no decoding)
   imagine_original     a plain GRUCell + MLP step at the faithful sizes (`original_prior_step`), interleaved
                        with the first preset's rollouts
@@ -106,8 +108,8 @@ def _rss_mb(field: str = "VmRSS") -> float:
 def _child(send, function, kwargs):
     try:
         result = function(**kwargs)
-        result["peak_rss_mb"] = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-                                    resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024
+        result.setdefault("peak_rss_mb", max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                                             resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024)
         send.send(("ok", result))
     except UserError as err:
         send.send(("user", str(err)))
@@ -319,56 +321,101 @@ def original_forward(torch, wm, frames, actions, rewards, continues):
     return sum(wm.loss_weights[k] * v for k, v in losses.items())
 
 
-def measure_training(data_dir, preset, batch_size, seq_len, steps, threads, ways=("ours",), channels_last=None,
-                     compile_model=False) -> dict:
-    """Median seconds of one whole training step (data included) after one warm-up -> frames/s.
-    With ways=("ours", "original") the two loops alternate step by step on one model, so that a change
-    in the machine's load hits both alike; the result then carries the original's figure too."""
+def _training_way(conn, way, data_dir, preset, batch_size, seq_len, threads, channels_last, compile_model):
+    """One way's training loop in its own process (measure_training's child): builds the data and the
+    model, then times one whole step (data included) each time it is asked. "ours" starts the way
+    train_rssm.py does (checkpoint.keep_freed_memory); "original" with the allocator untouched."""
     from dataset import frames_to_float
 
+    if way == "ours":
+        checkpoint.keep_freed_memory()
+    else:
+        channels_last = False  # the original's layout
     torch = _torch(threads)
     ds = PokemonDataset(data_dir, seq_len=seq_len)
     wm = _world_model(torch, preset, ds.resolution, channels_last, frames=ds.obs)
     wm.train()
     model = torch.compile(wm) if compile_model else wm
     optimizer = torch.optim.Adam(wm.parameters(), lr=1e-4)
-    rng = np.random.default_rng(0)
-    baseline = _rss_mb()
-    timings = {way: [] for way in ways}
-    for i in range(steps + 1):
+    rng = np.random.default_rng(0)  # the same windows in every way
+    conn.send({"baseline_rss_mb": _rss_mb(), "parameters": sum(p.numel() for p in wm.parameters()),
+               "resolution": "x".join(map(str, ds.resolution)), "channels_last": wm.cfg.channels_last,
+               "windows": len(ds)})
+    while conn.recv():
+        starts = rng.choice(ds.window_starts, batch_size, replace=len(ds) < batch_size)
+        began = time.perf_counter()
+        if way == "original":
+            frames, actions, rewards, continues = original_batch(torch, ds, starts)
+            total = original_forward(torch, wm, frames, actions, rewards, continues)
+            optimizer.zero_grad()
+        else:
+            batch = ds.get_batch(starts)
+            total, _, _, _ = model(frames_to_float(batch["obs"], "cpu"), batch["actions"], batch["rewards"],
+                                   batch["continues"])
+            optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(wm.parameters(), wm.cfg.grad_clip)
+        optimizer.step()
+        conn.send(time.perf_counter() - began)
+    conn.send(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+def measure_training(data_dir, preset, batch_size, seq_len, steps, threads, ways=("ours",), channels_last=None,
+                     compile_model=False) -> dict:
+    """Median seconds of one whole training step (data included) after one warm-up -> frames/s.
+    Each way runs in its own forked process (its own allocator state and peak RSS); with
+    ways=("ours", "original") the two take turns step by step, so that a change in the machine's load
+    hits both alike; the result then carries the original's figure and peak RSS too."""
+    context = mp.get_context("fork")
+    children, info = {}, {}
+    try:
         for way in ways:
-            starts = rng.choice(ds.window_starts, batch_size, replace=len(ds) < batch_size)
-            began = time.perf_counter()
-            if way == "original":
-                frames, actions, rewards, continues = original_batch(torch, ds, starts)
-                total = original_forward(torch, wm, frames, actions, rewards, continues)
-                optimizer.zero_grad()
-            else:
-                batch = ds.get_batch(starts)
-                total, _, _, _ = model(frames_to_float(batch["obs"], "cpu"), batch["actions"], batch["rewards"],
-                                       batch["continues"])
-                optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            torch.nn.utils.clip_grad_norm_(wm.parameters(), wm.cfg.grad_clip)
-            optimizer.step()
-            if i:
-                timings[way].append(time.perf_counter() - began)
+            parent, child = context.Pipe()
+            process = context.Process(target=_training_way, args=(child, way, data_dir, preset, batch_size, seq_len,
+                                                                   threads, channels_last, compile_model))
+            process.start()
+            child.close()
+            children[way] = (process, parent)
+            info[way] = parent.recv()
+        timings = {way: [] for way in ways}
+        for i in range(steps + 1):
+            for way in ways:
+                children[way][1].send(True)
+                seconds = children[way][1].recv()
+                if i:
+                    timings[way].append(seconds)
+        peaks = {}
+        for way in ways:
+            children[way][1].send(False)
+            peaks[way] = children[way][1].recv()
+    except EOFError:
+        raise RuntimeError(f"a training process of {preset} died (out of memory?)") from None
+    finally:
+        for process, _ in children.values():
+            process.join(timeout=60)
+            if process.is_alive():
+                process.kill()
     rate = {way: batch_size * seq_len / float(np.median(t)) for way, t in timings.items()}
-    result = {"value": rate[ways[0]], "unit": "frames/s", "baseline_rss_mb": baseline,
+    first = info[ways[0]]
+    result = {"value": rate[ways[0]], "unit": "frames/s", "baseline_rss_mb": first["baseline_rss_mb"],
+              "peak_rss_mb": peaks[ways[0]],
               "config": {"preset": preset, "way": ways[0], "batch_size": batch_size, "seq_len": seq_len,
-                         "resolution": "x".join(map(str, ds.resolution)), "timed_steps": steps, "threads": threads,
-                         "channels_last": wm.cfg.channels_last, "torch_compile": compile_model,
-                         "parameters": sum(p.numel() for p in wm.parameters()), "data": "real collected frames",
-                         "interleaved_with": list(ways[1:])}}
+                         "resolution": first["resolution"], "timed_steps": steps, "threads": threads,
+                         "channels_last": first["channels_last"], "torch_compile": compile_model,
+                         "allocator": "keep_freed_memory" if ways[0] == "ours" else "default",
+                         "parameters": first["parameters"], "data": "real collected frames",
+                         "interleaved_with": list(ways[1:]), "process": "one per way"}}
     for way in ways[1:]:
         result[way] = rate[way]
+        result[f"{way}_peak_rss_mb"] = peaks[way]
     return result
 
 
-def paired(result: dict, way: str, note: str) -> dict:
-    """The second loop of an interleaved measurement as a result of its own."""
-    config = dict(result["config"], way=note, interleaved_with=[result["config"]["way"]])
-    return {"value": result.pop(way), "unit": result["unit"], "peak_rss_mb": result["peak_rss_mb"],
+def paired(result: dict, way: str, note: str, **config) -> dict:
+    """The second loop of an interleaved measurement as a result of its own (`config`: what differs)."""
+    config = dict(result["config"], way=note, interleaved_with=[result["config"]["way"]], **config)
+    peak = result.pop(f"{way}_peak_rss_mb", result["peak_rss_mb"])
+    return {"value": result.pop(way), "unit": result["unit"], "peak_rss_mb": peak,
             "baseline_rss_mb": result["baseline_rss_mb"], "seconds": result["seconds"], "config": config}
 
 
@@ -509,7 +556,8 @@ def run(args) -> dict:
             if faithful:
                 results["train_faithful_original"] = paired(
                     results["train_faithful"], "original",
-                    "original: per-window float conversion, per-step networks in the time loop, zero_grad()")
+                    "original: per-window float conversion, per-step networks in the time loop, zero_grad()",
+                    allocator="default", channels_last=False)
         image_size = parse_resolution(s["resolution"])
         imag = dict(batch=s["imagine_batch"], horizon=s["horizon"], repeats=s["repeats"], threads=threads,
                     image_size=image_size)

@@ -72,6 +72,10 @@ def parse_args(argv=None):
     p.add_argument("--lambda-gae", type=float, default=0.95, help="lambda")
     p.add_argument("--entropy-scale", type=float, default=3e-4, help="entropy bonus")
     p.add_argument("--intrinsic-scale", type=float, default=0.0, help="weight of the predicted-surprise reward")
+    p.add_argument("--reward", choices=agent_lib.REWARDS, default="world-model",
+                   help="what imagined steps earn (see train_policy.py --reward); 'novelty' refits its head every iteration")
+    p.add_argument("--novelty-memory", type=int, default=20, help="steps a tile counts as recently seen (--reward novelty)")
+    p.add_argument("--reward-fit-steps", type=int, default=300, help="novelty-head updates per iteration")
     p.add_argument("--eval-episodes", type=int, default=5, help="evaluation episodes per iteration")
     p.add_argument("--eval-steps", type=int, default=500, help="steps per evaluation episode")
     p.add_argument("--seed", type=int, default=0, help="seed of everything")
@@ -80,7 +84,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.resolution = parse_resolution(args.resolution)
     for name in ("iterations", "prefill_steps", "collect_steps", "episode_length", "save_interval", "wm_epochs",
-                 "wm_steps", "wm_batch_size", "policy_updates", "batch_size", "eval_episodes", "eval_steps"):
+                 "wm_steps", "wm_batch_size", "policy_updates", "batch_size", "eval_episodes", "eval_steps",
+                 "novelty_memory", "reward_fit_steps"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if not 0 <= args.epsilon <= 1:
@@ -209,7 +214,8 @@ class Loop:
         args = self.args
         cfg = agent_lib.AgentConfig.from_dict(dict(
             algo=args.algo, horizon=args.imag_horizon, gamma=args.discount, lam=args.lambda_gae,
-            entropy_scale=args.entropy_scale, actor_lr=args.lr, critic_lr=args.lr, intrinsic_scale=args.intrinsic_scale))
+            entropy_scale=args.entropy_scale, actor_lr=args.lr, critic_lr=args.lr, intrinsic_scale=args.intrinsic_scale,
+            reward=args.reward, novelty_memory=args.novelty_memory))
         wm = agent_lib.load_world_model(self.wm_dir / "checkpoint_latest.pt", args.device)
         previous = self.policy_path(it - 1)
         learner_state = None
@@ -217,6 +223,8 @@ class Loop:
             agent, ckpt = agent_lib.load_policy(previous, args.device)
             learner_state = ckpt["extra"].get("learner")
             agent.cfg = cfg
+            if (cfg.reward == "novelty") != (agent.novelty is not None):
+                agent.novelty = agent_lib.NoveltyHead(agent.wm_cfg).to(args.device) if cfg.reward == "novelty" else None
         else:
             torch.manual_seed(args.seed)
             agent = agent_lib.PolicyAgent(wm.cfg, cfg).to(args.device)
@@ -225,6 +233,13 @@ class Loop:
         if learner_state is not None:
             learner.load_full_state(learner_state)
         ds = PokemonDataset(self.data, seq_len=args.seq_len)
+        if agent.novelty is not None:  # the head reads this iteration's world model: refit it on all the data
+            train_starts, val_starts = ds.split(0.1, seed=args.seed) if len(np.unique(ds.segment_ids)) > 1 \
+                else (ds.window_starts, ds.window_starts[:0])
+            metrics = agent_lib.fit_novelty_head(agent.novelty, agent.wm, ds, agent_lib.recent_novelty(ds, cfg.novelty_memory),
+                                                 train_starts, val_starts, steps=args.reward_fit_steps,
+                                                 batch_size=args.batch_size, seed=args.seed + it, device=args.device)
+            self.log.record({"iteration": it, **metrics}, epoch_end=False)
         agent_lib.train_in_imagination(agent, learner, ds, ds.window_starts, updates=args.policy_updates,
                                        batch_size=args.batch_size, seed=args.seed, device=args.device, log=self.log,
                                        log_every=50, desc=f"policy {it}")

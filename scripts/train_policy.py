@@ -23,7 +23,7 @@ import torch
 
 import agent as agent_lib
 import artifacts
-from checkpoint import resolve_device
+import checkpoint
 from dataset import PokemonDataset
 from env import DEFAULT_ROM, identify_rom
 from errors import UserError, cli
@@ -51,6 +51,12 @@ def parse_args(argv=None):
     p.add_argument("--ppo-clip", type=float, default=0.2, help="PPO/GRPO: ratio clip")
     p.add_argument("--intrinsic-scale", type=float, default=0.0,
                    help="weight of the intrinsic reward: predicted prior/posterior KL (surprise) of imagined states")
+    p.add_argument("--reward", choices=agent_lib.REWARDS, default="world-model",
+                   help="what the imagined steps earn: the world model's reward head (learned from the data's env "
+                        "rewards) or 'novelty': a head fitted first on replayed windows to standing on a tile "
+                        "not among the last --novelty-memory steps' tiles")
+    p.add_argument("--novelty-memory", type=int, default=20, help="steps a tile counts as recently seen (--reward novelty)")
+    p.add_argument("--reward-fit-steps", type=int, default=600, help="updates of the novelty head (batch --batch-size windows)")
     p.add_argument("--eval-episodes", type=int, default=5, help="evaluation episodes per policy (each its own start state)")
     p.add_argument("--eval-steps", type=int, default=500, help="steps per evaluation episode")
     p.add_argument("--eval-every", type=int, default=10, help="evaluate the policy alone every N epochs (0: only at the end)")
@@ -67,14 +73,15 @@ def parse_args(argv=None):
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to train")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = p.parse_args(argv)
-    for name in ("epochs", "steps_per_epoch", "batch_size", "eval_episodes", "eval_steps", "ppo_epochs"):
+    for name in ("epochs", "steps_per_epoch", "batch_size", "eval_episodes", "eval_steps", "ppo_epochs",
+                 "novelty_memory", "reward_fit_steps"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if not 1 <= args.imag_horizon <= 50:
         raise UserError(f"--imag-horizon must be in 1..50, got {args.imag_horizon}")
     if args.eval_only and not args.policy:
         raise UserError("--eval-only needs --policy PATH (a policy.pt written by this script)")
-    args.device = torch.device(resolve_device(args.device))
+    args.device = torch.device(checkpoint.resolve_device(args.device))
     return args
 
 
@@ -83,7 +90,8 @@ def agent_config(args, algo: str) -> agent_lib.AgentConfig:
         return agent_lib.AgentConfig.from_dict(dict(
             algo=algo, horizon=args.imag_horizon, gamma=args.discount, lam=args.lambda_gae,
             entropy_scale=args.entropy_scale, actor_lr=args.lr, critic_lr=args.lr, group=args.group,
-            ppo_epochs=args.ppo_epochs, ppo_clip=args.ppo_clip, intrinsic_scale=args.intrinsic_scale))
+            ppo_epochs=args.ppo_epochs, ppo_clip=args.ppo_clip, intrinsic_scale=args.intrinsic_scale,
+            reward=args.reward, novelty_memory=args.novelty_memory))
     except ValueError as err:
         raise UserError(f"agent config: {err}") from err
 
@@ -95,6 +103,8 @@ def make_agent(args, algo: str):
     if args.init_policy:
         agent, ckpt = agent_lib.load_policy(args.init_policy, args.device)
         agent.cfg = cfg
+        if (cfg.reward == "novelty") != (agent.novelty is not None):  # the head follows this run's --reward
+            agent.novelty = agent_lib.NoveltyHead(agent.wm_cfg).to(args.device) if cfg.reward == "novelty" else None
         learner_state = ckpt["extra"].get("learner")
         if args.wm_checkpoint and Path(args.wm_checkpoint).exists():
             agent.wm.load_state_dict(agent_lib.load_world_model(args.wm_checkpoint, args.device).state_dict())
@@ -122,8 +132,25 @@ def evaluate_and_write(agent, args, out_dir: Path, policies) -> dict:
     return results
 
 
-def train_one(args, algo: str, out_dir: Path, ds, train_starts, log) -> tuple:
+def novelty_head(args, ds, train_starts, val_starts, log):
+    """With --reward novelty: a NoveltyHead fitted on the replayed windows (once, shared by --compare's
+    algorithms); else None."""
+    if args.reward != "novelty":
+        return None
+    wm = agent_lib.load_world_model(args.wm_checkpoint, args.device)
+    head = agent_lib.NoveltyHead(wm.cfg).to(args.device)
+    targets = agent_lib.recent_novelty(ds, args.novelty_memory)
+    metrics = agent_lib.fit_novelty_head(head, wm, ds, targets, train_starts, val_starts, steps=args.reward_fit_steps,
+                                         batch_size=args.batch_size, seed=args.seed, device=args.device)
+    log.record({"reward": "novelty", "novelty_memory": args.novelty_memory, **metrics}, epoch_end=False)
+    print("novelty reward, held-out windows: " + ", ".join(f"{k.split('/')[1]} {v:.4g}" for k, v in metrics.items()))
+    return head
+
+
+def train_one(args, algo: str, out_dir: Path, ds, train_starts, log, reward_head=None) -> tuple:
     agent, learner = make_agent(args, algo)
+    if reward_head is not None:
+        agent.novelty.load_state_dict(reward_head.state_dict())
     updates_per_epoch = min(max(1, len(train_starts) // args.batch_size), args.steps_per_epoch)
     started = time.perf_counter()
     for epoch in range(args.epochs):
@@ -152,6 +179,7 @@ def config_of(args) -> dict:
 @cli
 def main(argv=None):
     args = parse_args(argv)
+    checkpoint.keep_freed_memory()  # the encoder's activations are re-allocated every update
     if args.threads:
         torch.set_num_threads(args.threads)
     identify_rom(args.rom)  # a bad ROM fails now, not after training
@@ -166,15 +194,16 @@ def main(argv=None):
         return
     ds = PokemonDataset(args.data_dir, seq_len=args.seq_len)
     episodes = len(np.unique(ds.segment_ids[ds.window_starts]))
-    train_starts, _ = ds.split(0.1 if episodes >= 2 else 0.0, seed=args.seed)
+    train_starts, val_starts = ds.split(0.1 if episodes >= 2 else 0.0, seed=args.seed)
     artifacts.write_json(out_dir / "config.json", {"run": config_of(args), "train_windows": int(len(train_starts)),
                                                    "agent": agent_config(args, args.algo).to_dict()})
+    reward_head = novelty_head(args, ds, train_starts, val_starts, log)
     algos = agent_lib.ALGOS if args.compare else (args.algo,)
     rows = {}
     for algo in algos:
         run_dir = out_dir / algo if args.compare else out_dir
         torch.manual_seed(args.seed)
-        agent, learner, seconds = train_one(args, algo, run_dir, ds, train_starts, log)
+        agent, learner, seconds = train_one(args, algo, run_dir, ds, train_starts, log, reward_head)
         policies = ("agent",) if args.compare or args.no_baselines else agent_lib.ALL_POLICIES
         results = evaluate_and_write(agent, args, run_dir, policies)
         log.record({"algo": algo, "update": learner.updates, **agent_lib.flat_eval_metrics(results)}, epoch_end=False)

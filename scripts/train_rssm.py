@@ -181,6 +181,7 @@ def nonfinite_losses(total, losses: dict) -> list[str]:
 @cli
 def main(argv=None):
     args = parse_args(argv)
+    checkpoint.keep_freed_memory()  # no page faults for re-allocated activations (benchmark.py: train_faithful)
     if args.threads:
         torch.set_num_threads(args.threads)
     rank, world, device = setup_distributed(args.device)

@@ -2,6 +2,8 @@
 Speed itself is never asserted (the machine is shared)."""
 import json
 import math
+import subprocess
+import sys
 
 from conftest import run_script
 
@@ -38,6 +40,8 @@ def test_quick_benchmark_reports_every_field(tmp_path, cartridge_rom):
     assert report["ratios"]["collector_vs_original_per_worker"]["target"] == 3.0
     assert report["ratios"]["train_faithful_vs_original"]["target"] == 1.25
     assert report["config"]["quick"] and report["config"]["torch"]
+    assert report["results"]["train_faithful"]["config"]["allocator"] == "keep_freed_memory"
+    assert report["results"]["train_faithful_original"]["config"]["allocator"] == "default"
     finite_numbers(report, "report")
     for name in MEASUREMENTS + RATIOS:  # the printed table names every figure
         assert name in done.stdout, name
@@ -49,3 +53,33 @@ def test_bad_flags_exit_2(tmp_path):
     errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
     assert done.returncode == 2 and errors == ["error: --workers 0 must be at least 1"], done.stderr
     assert "Traceback" not in done.stderr
+
+
+FAULTS = """
+import resource, sys
+import torch
+sys.path.insert(0, {repo!r})
+import checkpoint
+if sys.argv[1] == "keep":
+    assert checkpoint.keep_freed_memory()
+def faults_of_a_64mb_array():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.ones(1 << 24)  # 64 MB, freed at once
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+faults_of_a_64mb_array()
+print(faults_of_a_64mb_array())
+"""
+
+
+def test_keep_freed_memory_reuses_large_blocks():
+    """Default glibc maps a 64 MB block afresh at every allocation (16,384 page faults each time); with
+    checkpoint.keep_freed_memory the second one reuses the heap the first one left."""
+    from conftest import REPO
+
+    def second_allocation_faults(mode):
+        done = subprocess.run([sys.executable, "-c", FAULTS.format(repo=str(REPO)), mode], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        return int(done.stdout)
+
+    assert second_allocation_faults("default") > 10_000
+    assert second_allocation_faults("keep") < 1_000

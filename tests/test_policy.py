@@ -2,6 +2,7 @@
 loops, a non-zero actor gradient, and tiny real runs on the cartridge."""
 import json
 import shutil
+import types
 
 import numpy as np
 import pytest
@@ -101,6 +102,40 @@ def test_actor_loss_gives_nonzero_gradient(algo):
     assert all(p.grad is None for p in agent.wm.parameters())  # the world model stays frozen
 
 
+def test_recent_novelty_counts_tiles_unseen_in_the_last_steps():
+    # two sequences; rows are (map, x, y) before each step; a tile is new if not among the last `memory` rows' tiles
+    tiles = [(0, 1, 1), (0, 2, 1), (0, 1, 1), (0, 1, 1), (0, 3, 1), (0, 2, 1), (1, 2, 1),  # sequence 0
+             (0, 2, 1), (0, 2, 2), (0, 2, 2)]                                              # sequence 1
+    maps, xs, ys = (np.array(column, np.uint8) for column in zip(*tiles))
+    battle = np.zeros(len(tiles), bool)
+    battle[9] = True  # the step onto row 9 ends in battle: never a new tile
+    ds = types.SimpleNamespace(arrays={"map_ids": maps, "xs": xs, "ys": ys, "in_battles": battle},
+                               segment_ids=np.array([0] * 7 + [1] * 3))
+    assert agent_lib.recent_novelty(ds, 1).tolist() == [1, 1, 0, 1, 1, 1, 0, 1, 0, 0]
+    assert agent_lib.recent_novelty(ds, 3).tolist() == [1, 0, 0, 1, 1, 1, 0, 1, 0, 0]  # row 1 is 3 rows back from 4
+    assert agent_lib.recent_novelty(ds, 100).tolist() == [1, 0, 0, 1, 0, 1, 0, 1, 0, 0]
+    with pytest.raises(agent_lib.UserError):
+        agent_lib.recent_novelty(ds, 0)
+
+
+def test_novelty_reward_is_the_head_on_consecutive_states(tmp_path):
+    torch.manual_seed(0)
+    cfg = RSSMConfig.from_preset("tiny")
+    agent = agent_lib.PolicyAgent(cfg, agent_lib.AgentConfig(reward="novelty", horizon=4))
+    assert tiny_agent("reinforce").novelty is None  # the default reward is the world model's head
+    roll = imagination.imagine_with_policy(agent.wm, agent.actor, agent.wm.rssm.initial(3), 4)
+    feat = roll["feat"].detach()
+    reward = agent.imagined_reward(feat)
+    assert reward.shape == (3, 4) and bool(((reward > 0) & (reward < 1)).all())
+    for t in range(4):
+        torch.testing.assert_close(reward[:, t], agent.novelty.predict(feat[:, t], feat[:, t + 1]))
+    loaded, _ = agent_lib.load_policy(agent_lib.save_policy(tmp_path / "policy.pt", agent))
+    assert loaded.cfg.reward == "novelty"
+    torch.testing.assert_close(loaded.imagined_reward(feat), reward)
+    with pytest.raises(ValueError, match="reward"):
+        agent_lib.AgentConfig.from_dict({"reward": "money"})
+
+
 def test_policy_agent_keeps_belief_and_resizes(tmp_path):
     agent = tiny_agent("reinforce")
     path = agent_lib.save_policy(tmp_path / "policy.pt", agent)
@@ -151,13 +186,30 @@ def test_train_policy_compare_then_collect_with_the_policy(collected_data, cartr
         assert len(npz["actions"]) == 20
 
 
+def test_train_policy_with_novelty_reward(collected_data, cartridge_rom, tiny_world_model, tmp_path):
+    out = tmp_path / "novelty"
+    done = run_script("train_policy.py", "--wm-checkpoint", tiny_world_model, "--data-dir", collected_data("144x160"),
+                      "--rom", cartridge_rom, "--out-dir", out, "--reward", "novelty", "--reward-fit-steps", 3,
+                      "--novelty-memory", 5, "--epochs", 1, "--steps-per-epoch", 2, "--batch-size", 2,
+                      "--imag-horizon", 4, "--eval-episodes", 1, "--eval-steps", 8, "--no-baselines", "--threads", 1)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    fit = next(r for r in records if "novelty_fit/bce" in r)
+    assert fit["novelty_memory"] == 5 and fit["novelty_fit/held_out_rows"] > 0
+    assert 0 < fit["novelty_fit/target_mean"] < 1 and np.isfinite(fit["novelty_fit/bce"])
+    agent, ckpt = agent_lib.load_policy(out / "policy.pt")
+    assert agent.cfg.reward == "novelty" and agent.novelty is not None
+    assert "novelty.net.0.weight" in ckpt["model_state"]
+
+
 def test_dreamer_one_iteration(collected_data, cartridge_rom, tiny_world_model, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(collected_data("144x160"), data)
     out = tmp_path / "dreamer"
     args = ["--data-dir", data, "--out-dir", out, "--rom", cartridge_rom, "--iterations", 1, "--prefill-steps", 630,
             "--episode-length", 30, "--wm-init", tiny_world_model, "--wm-steps", 1, "--wm-batch-size", 2,
-            "--policy-updates", 1, "--batch-size", 2, "--imag-horizon", 4, "--eval-episodes", 1, "--eval-steps", 8]
+            "--policy-updates", 1, "--batch-size", 2, "--imag-horizon", 4, "--eval-episodes", 1, "--eval-steps", 8,
+            "--reward", "novelty", "--reward-fit-steps", 1]
     done = run_script("dreamer.py", *args)
     assert done.returncode == 0, done.stderr[-3000:]
     state = json.loads((out / "dreamer_state.json").read_text())
@@ -167,5 +219,6 @@ def test_dreamer_one_iteration(collected_data, cartridge_rom, tiny_world_model, 
     progress = [r for r in records if "env_steps" in r]
     assert progress and progress[-1]["env_steps"] == 630 and "eval/agent/unique_tiles" in progress[-1]
     assert "eval/explore/unique_tiles" in progress[-1]
+    assert any("novelty_fit/bce" in r for r in records)  # --reward novelty: the head refitted this iteration
     for name in ("policy.pt", "progress.png", "progress.md", "policies/policy_iter_000.pt", "world_model/checkpoint_latest.pt"):
         assert (out / name).exists(), name
