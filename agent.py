@@ -68,6 +68,8 @@ class AgentConfig:
     epsilon: float = 0.0            # PolicyAgent: chance of a uniformly random action when sampling
     reward: str = "world-model"     # what imagined steps earn: the world model's reward head | "novelty" (NoveltyHead)
     novelty_memory: int = 20        # "novelty": a tile counts as seen for this many steps (recent_novelty)
+    actor_change: bool = False      # the actor also reads z_t - z_{t-1}: what the last step changed (a press into
+                                    # a wall changes nothing), in imagination and in the real game alike
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -154,7 +156,7 @@ class PolicyAgent(nn.Module):
         super().__init__()
         self.wm_cfg, self.cfg = wm_cfg, agent_cfg
         self.wm = WorldModel(wm_cfg)
-        self.actor = Actor(wm_cfg)
+        self.actor = Actor(wm_cfg, wm_cfg.stoch * wm_cfg.classes if agent_cfg.actor_change else 0)
         self.critic = Critic(wm_cfg)
         self.novelty = NoveltyHead(wm_cfg) if agent_cfg.reward == "novelty" else None
         self.rng = np.random.default_rng()
@@ -207,7 +209,10 @@ class PolicyAgent(nn.Module):
     @torch.inference_mode()
     def act(self, obs: np.ndarray, deterministic: bool = False) -> int:
         """Observe the real frame `obs` (uint8 (H, W, 3)) and choose the next action."""
+        before = None if self.belief is None else self.belief[1]
         feat = self.observe(obs)
+        if self.cfg.actor_change:  # the first frame of an episode: nothing changed yet
+            feat = torch.cat([feat, feat[:, self.wm_cfg.deter:] - (feat[:, self.wm_cfg.deter:] if before is None else before)], -1)
         if not deterministic and self.cfg.epsilon > 0 and self.rng.random() < self.cfg.epsilon:
             action = int(self.rng.integers(self.wm_cfg.num_actions))
         else:
@@ -261,18 +266,22 @@ class Learner(nn.Module):
         frames = frames_to_float(batch["obs"], device)  # (B, T, 3, H, W)
         states = imagination.observe(wm, frames, batch["actions"].to(device))
         kl = categorical_kl(states["post_logp"], states["prior_logp"])  # (B, T)
-        return {"h": states["h"].flatten(0, 1).clone(), "z": states["z"].flatten(0, 1).clone(),
-                "feat": states["feat"].flatten(0, 1).clone(), "kl": kl.flatten().clone()}
+        z = states["z"]
+        prev_z = torch.cat([z[:, :1], z[:, :-1]], 1)  # the latent one step before (itself at a window's start)
+        return {"h": states["h"].flatten(0, 1).clone(), "z": z.flatten(0, 1).clone(),
+                "prev_z": prev_z.flatten(0, 1).clone(), "feat": states["feat"].flatten(0, 1).clone(),
+                "kl": kl.flatten().clone()}
 
     def update(self, start: dict) -> dict:
         """One actor-critic update from the start states of `start_states`. Returns float metrics."""
         agent = self.agent[0]
         cfg, wm, actor, critic = agent.cfg, agent.wm, agent.actor, agent.critic
         wm.requires_grad_(False)
-        h, z = start["h"], start["z"]
+        h, z, prev_z = start["h"], start["z"], start["prev_z"] if cfg.actor_change else None
         if cfg.algo == "grpo":  # each start state `group` times, start-major
             h, z = h.repeat_interleave(cfg.group, 0), z.repeat_interleave(cfg.group, 0)
-        roll = imagination.imagine_with_policy(wm, actor, (h, z), cfg.horizon, sample=True)
+            prev_z = None if prev_z is None else prev_z.repeat_interleave(cfg.group, 0)
+        roll = imagination.imagine_with_policy(wm, actor, (h, z), cfg.horizon, sample=True, prev_z=prev_z)
         feat = roll["feat"].detach()  # (N, H+1, F)
         with torch.no_grad():
             extrinsic = agent.imagined_reward(feat)  # (N, H)
@@ -302,7 +311,7 @@ class Learner(nn.Module):
             old_logp = roll["log_probs"].detach()
             actions = roll["actions"]
             for _ in range(cfg.ppo_epochs):
-                dist = actor.dist(feat[:, :-1])
+                dist = actor.dist(roll["actor_in"])
                 logp = dist.log_prob(actions)
                 ratio = (logp - old_logp).exp()
                 clipped = ratio.clamp(1 - cfg.ppo_clip, 1 + cfg.ppo_clip)

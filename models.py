@@ -945,12 +945,13 @@ class WorldModel(nn.Module):
 
 
 class Actor(nn.Module):
-    """Policy on [h, s]: 2 hidden layers -> action logits (unimix applied by `dist`)."""
+    """Policy on [h, s] (+ `extra_inputs` more, e.g. what the last step changed): 2 hidden layers -> action
+    logits (unimix applied by `dist`)."""
 
-    def __init__(self, cfg: RSSMConfig):
+    def __init__(self, cfg: RSSMConfig, extra_inputs: int = 0):
         super().__init__()
         self.cfg = cfg
-        self.net = mlp(cfg.deter + cfg.stoch * cfg.classes, cfg.head_hidden, 2, cfg.num_actions,
+        self.net = mlp(cfg.deter + cfg.stoch * cfg.classes + extra_inputs, cfg.head_hidden, 2, cfg.num_actions,
                        norm=cfg.mlp_norm, act=cfg.mlp_act)
 
     def forward(self, feat):

@@ -76,6 +76,7 @@ def parse_args(argv=None):
                    help="what imagined steps earn (see train_policy.py --reward); 'novelty' refits its head every iteration")
     p.add_argument("--novelty-memory", type=int, default=20, help="steps a tile counts as recently seen (--reward novelty)")
     p.add_argument("--reward-fit-steps", type=int, default=300, help="novelty-head updates per iteration")
+    p.add_argument("--actor-change", action="store_true", help="the actor also reads what the last step changed")
     p.add_argument("--eval-episodes", type=int, default=5, help="evaluation episodes per iteration")
     p.add_argument("--eval-steps", type=int, default=500, help="steps per evaluation episode")
     p.add_argument("--seed", type=int, default=0, help="seed of everything")
@@ -215,7 +216,7 @@ class Loop:
         cfg = agent_lib.AgentConfig.from_dict(dict(
             algo=args.algo, horizon=args.imag_horizon, gamma=args.discount, lam=args.lambda_gae,
             entropy_scale=args.entropy_scale, actor_lr=args.lr, critic_lr=args.lr, intrinsic_scale=args.intrinsic_scale,
-            reward=args.reward, novelty_memory=args.novelty_memory))
+            reward=args.reward, novelty_memory=args.novelty_memory, actor_change=args.actor_change))
         wm = agent_lib.load_world_model(self.wm_dir / "checkpoint_latest.pt", args.device)
         previous = self.policy_path(it - 1)
         learner_state = None

@@ -57,6 +57,8 @@ def parse_args(argv=None):
                         "not among the last --novelty-memory steps' tiles")
     p.add_argument("--novelty-memory", type=int, default=20, help="steps a tile counts as recently seen (--reward novelty)")
     p.add_argument("--reward-fit-steps", type=int, default=600, help="updates of the novelty head (batch --batch-size windows)")
+    p.add_argument("--actor-change", action="store_true",
+                   help="the actor also reads z_t - z_{t-1}, what the last step changed (a press into a wall: nothing)")
     p.add_argument("--eval-episodes", type=int, default=5, help="evaluation episodes per policy (each its own start state)")
     p.add_argument("--eval-steps", type=int, default=500, help="steps per evaluation episode")
     p.add_argument("--eval-every", type=int, default=10, help="evaluate the policy alone every N epochs (0: only at the end)")
@@ -91,7 +93,7 @@ def agent_config(args, algo: str) -> agent_lib.AgentConfig:
             algo=algo, horizon=args.imag_horizon, gamma=args.discount, lam=args.lambda_gae,
             entropy_scale=args.entropy_scale, actor_lr=args.lr, critic_lr=args.lr, group=args.group,
             ppo_epochs=args.ppo_epochs, ppo_clip=args.ppo_clip, intrinsic_scale=args.intrinsic_scale,
-            reward=args.reward, novelty_memory=args.novelty_memory))
+            reward=args.reward, novelty_memory=args.novelty_memory, actor_change=args.actor_change))
     except ValueError as err:
         raise UserError(f"agent config: {err}") from err
 

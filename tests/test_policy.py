@@ -75,23 +75,20 @@ def test_return_norm_keeps_small_returns_and_scales_large():
     assert abs(big.update(torch.linspace(0, 100, 1001)).item() - 90.0) < 1e-3  # P95 - P5
 
 
-def tiny_agent(algo):
+def tiny_agent(algo, **agent_cfg):
     torch.manual_seed(0)
     cfg = RSSMConfig.from_preset("tiny")
-    agent = agent_lib.PolicyAgent(cfg, agent_lib.AgentConfig(algo=algo, horizon=5, group=4))
+    agent = agent_lib.PolicyAgent(cfg, agent_lib.AgentConfig(algo=algo, horizon=5, group=4, **agent_cfg))
     torch.nn.init.normal_(agent.wm.reward_head.net[-1].weight, std=1.0)  # non-zero imagined rewards
     return agent
 
 
-@pytest.mark.parametrize("algo", agent_lib.ALGOS)
-def test_actor_loss_gives_nonzero_gradient(algo):
-    agent = tiny_agent(algo)
+@pytest.mark.parametrize("algo,actor_change", [(algo, False) for algo in agent_lib.ALGOS] + [("ppo", True), ("grpo", True)])
+def test_actor_loss_gives_nonzero_gradient(algo, actor_change):
+    agent = tiny_agent(algo, actor_change=actor_change)
     learner = agent_lib.Learner(agent)
-    frames = torch.rand(2, 3, 3, *agent.wm_cfg.image_size)
-    with torch.no_grad():
-        states = imagination.observe(agent.wm, frames, torch.zeros(2, 3, dtype=torch.long))
-    start = {"h": states["h"].flatten(0, 1).clone(), "z": states["z"].flatten(0, 1).clone(),
-             "feat": states["feat"].flatten(0, 1).clone(), "kl": torch.rand(6)}
+    frames = torch.randint(0, 256, (2, 3, *agent.wm_cfg.image_size, 3), dtype=torch.uint8)
+    start = learner.start_states({"obs": frames, "actions": torch.zeros(2, 3, dtype=torch.long)}, "cpu")
     before = [p.detach().clone() for p in agent.actor.parameters()]
     metrics = learner.update(start)
     grads = [p.grad for p in agent.actor.parameters()]
@@ -134,6 +131,24 @@ def test_novelty_reward_is_the_head_on_consecutive_states(tmp_path):
     torch.testing.assert_close(loaded.imagined_reward(feat), reward)
     with pytest.raises(ValueError, match="reward"):
         agent_lib.AgentConfig.from_dict({"reward": "money"})
+
+
+def test_actor_reads_what_the_last_step_changed(tmp_path):
+    agent = tiny_agent("reinforce", actor_change=True)
+    h, z = agent.wm.rssm.initial(3)
+    prev_z = torch.zeros_like(z)
+    z = torch.nn.functional.one_hot(torch.arange(3) % agent.wm_cfg.classes, agent.wm_cfg.classes).float().repeat(1, agent.wm_cfg.stoch)
+    roll = imagination.imagine_with_policy(agent.wm, agent.actor, (h, z), 4, prev_z=prev_z)
+    feat, seen, width = roll["feat"], roll["actor_in"], agent.wm_cfg.deter
+    assert seen.shape == (3, 4, feat.shape[-1] + z.shape[-1])
+    torch.testing.assert_close(seen[:, 0, feat.shape[-1]:], z - prev_z)
+    for t in range(1, 4):
+        torch.testing.assert_close(seen[:, t, :feat.shape[-1]], feat[:, t])
+        torch.testing.assert_close(seen[:, t, feat.shape[-1]:], feat[:, t, width:] - feat[:, t - 1, width:])
+    loaded, _ = agent_lib.load_policy(agent_lib.save_policy(tmp_path / "policy.pt", agent))
+    loaded.reset()
+    frame = np.zeros((72, 80, 3), np.uint8)
+    assert 0 <= loaded.act(frame) < 8 and 0 <= loaded.act(frame) < 8  # first frame: no change; then one
 
 
 def test_policy_agent_keeps_belief_and_resizes(tmp_path):
@@ -189,7 +204,7 @@ def test_train_policy_compare_then_collect_with_the_policy(collected_data, cartr
 def test_train_policy_with_novelty_reward(collected_data, cartridge_rom, tiny_world_model, tmp_path):
     out = tmp_path / "novelty"
     done = run_script("train_policy.py", "--wm-checkpoint", tiny_world_model, "--data-dir", collected_data("144x160"),
-                      "--rom", cartridge_rom, "--out-dir", out, "--reward", "novelty", "--reward-fit-steps", 3,
+                      "--rom", cartridge_rom, "--out-dir", out, "--reward", "novelty", "--reward-fit-steps", 3, "--actor-change",
                       "--novelty-memory", 5, "--epochs", 1, "--steps-per-epoch", 2, "--batch-size", 2,
                       "--imag-horizon", 4, "--eval-episodes", 1, "--eval-steps", 8, "--no-baselines", "--threads", 1)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -198,7 +213,7 @@ def test_train_policy_with_novelty_reward(collected_data, cartridge_rom, tiny_wo
     assert fit["novelty_memory"] == 5 and fit["novelty_fit/held_out_rows"] > 0
     assert 0 < fit["novelty_fit/target_mean"] < 1 and np.isfinite(fit["novelty_fit/bce"])
     agent, ckpt = agent_lib.load_policy(out / "policy.pt")
-    assert agent.cfg.reward == "novelty" and agent.novelty is not None
+    assert agent.cfg.reward == "novelty" and agent.novelty is not None and agent.cfg.actor_change
     assert "novelty.net.0.weight" in ckpt["model_state"]
 
 
