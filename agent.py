@@ -535,6 +535,7 @@ def run_episode(env, policy: str, *, agent: PolicyAgent | None = None, state_ind
     from explorer import ExplorePolicy
 
     obs, info = env.reset(options={"state_index": state_index})
+    start = info["state"]
     explorer = ExplorePolicy(rng) if policy == "explore" else None
     if agent is not None:
         agent.reset()
@@ -556,7 +557,8 @@ def run_episode(env, policy: str, *, agent: PolicyAgent | None = None, state_ind
     if record:
         frames.append(env.render())
     out = {"unique_tiles": info["tiles_seen"], "maps": info["maps_seen"], "battles_won": info["battles_won"],
-           "badges": badges, "return": total, "steps": info["episode_step"]}
+           "badges": badges, "return": total, "steps": info["episode_step"],
+           "start_tile": [int(start.map_id), int(start.x), int(start.y)]}
     if record:
         out["frames"] = frames
     return out
@@ -564,9 +566,11 @@ def run_episode(env, policy: str, *, agent: PolicyAgent | None = None, state_ind
 
 def evaluate(agent: PolicyAgent | None, *, rom, policies=("agent", "random", "explore"), episodes: int = 5,
              steps: int = 500, start_state_count: int = 5, seed: int = 0, deterministic: bool = False,
-             video_path=None, state_offset: int = EVAL_SEED_FRAMES) -> dict:
+             video_path=None, state_offset: int = EVAL_SEED_FRAMES, start_walk: int = 0) -> dict:
     """Zero-shot evaluation in the emulator at the encoder's resolution, several start states not
-    used in training, side by side with the random policy and the scripted explorer.
+    used in training, side by side with the random policy and the scripted explorer. With start_walk
+    N > 0 each start state is where the scripted explorer (seeded [seed, i]) stands after N actions
+    from the i-th of them (planner.walk_start_states): episodes that begin on different tiles and maps.
     Returns {policy: {"episodes": [...], "mean": {...}}}; writes an mp4 of the agent's first episode."""
     from env import PokemonEnv
 
@@ -575,6 +579,10 @@ def evaluate(agent: PolicyAgent | None, *, rom, policies=("agent", "random", "ex
     env = PokemonEnv(rom=rom, save_states=states, resolution=resolution, episode_length=steps)
     results = {}
     try:
+        if start_walk > 0:
+            from planner import walk_start_states
+
+            env.start_states = walk_start_states(env, start_state_count, start_walk, seed)
         for policy in policies:
             if policy == "agent" and agent is None:
                 continue
@@ -590,7 +598,7 @@ def evaluate(agent: PolicyAgent | None, *, rom, policies=("agent", "random", "ex
                     frames = out.pop("frames")
                     artifacts.write_video([np.repeat(np.repeat(f, 2, 0), 2, 1) for f in frames], video_path, fps=10)
                 runs.append(out)
-            keys = [k for k in runs[0] if k != "steps"]
+            keys = [k for k in runs[0] if k not in ("steps", "start_tile")]
             results[policy] = {"episodes": runs, "mean": {k: float(np.mean([r[k] for r in runs])) for k in keys}}
     finally:
         env.close()

@@ -61,6 +61,11 @@ def parse_args(argv=None):
                    help="the actor also reads z_t - z_{t-1}, what the last step changed (a press into a wall: nothing)")
     p.add_argument("--eval-episodes", type=int, default=5, help="evaluation episodes per policy (each its own start state)")
     p.add_argument("--eval-steps", type=int, default=500, help="steps per evaluation episode")
+    p.add_argument("--eval-start-walk", type=int, default=0, metavar="N",
+                   help="evaluation episodes start where the scripted explorer stands after N actions from each start "
+                        "state (on other tiles and maps; 0: the cartridge's start states, all on one tile)")
+    p.add_argument("--eval-start-states", type=int, default=None,
+                   help="distinct evaluation start states (default: --eval-episodes, at most 10)")
     p.add_argument("--eval-every", type=int, default=10, help="evaluate the policy alone every N epochs (0: only at the end)")
     p.add_argument("--eval-deterministic", action="store_true", help="evaluate with the most likely action, not samples")
     p.add_argument("--no-baselines", action="store_true", help="final evaluation without the random / explorer rows")
@@ -79,6 +84,12 @@ def parse_args(argv=None):
                  "novelty_memory", "reward_fit_steps"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.eval_start_walk < 0:
+        raise UserError(f"--eval-start-walk must be >= 0, got {args.eval_start_walk}")
+    if args.eval_start_states is None:
+        args.eval_start_states = min(args.eval_episodes, 10)
+    elif args.eval_start_states < 1:
+        raise UserError(f"--eval-start-states must be at least 1, got {args.eval_start_states}")
     if not 1 <= args.imag_horizon <= 50:
         raise UserError(f"--imag-horizon must be in 1..50, got {args.imag_horizon}")
     if args.eval_only and not args.policy:
@@ -123,11 +134,16 @@ def make_agent(args, algo: str):
 
 def evaluate_and_write(agent, args, out_dir: Path, policies) -> dict:
     results = agent_lib.evaluate(agent, rom=args.rom, policies=policies, episodes=args.eval_episodes,
-                                 steps=args.eval_steps, start_state_count=min(args.eval_episodes, 10), seed=args.seed,
-                                 deterministic=args.eval_deterministic, video_path=out_dir / "eval_episode.mp4")
+                                 steps=args.eval_steps, start_state_count=args.eval_start_states, seed=args.seed,
+                                 deterministic=args.eval_deterministic, video_path=out_dir / "eval_episode.mp4",
+                                 start_walk=args.eval_start_walk)
+    starts = "cartridge title waits 1000 + 7 i frames"
+    if args.eval_start_walk:
+        starts += f", then {args.eval_start_walk} scripted-explorer actions (seed [{args.seed}, i])"
     artifacts.write_json(out_dir / "eval.json", {"settings": {"episodes": args.eval_episodes, "steps": args.eval_steps,
                                                               "deterministic": args.eval_deterministic,
-                                                              "start_states": "cartridge title waits 1000 + 7 i frames"},
+                                                              "start_states": starts,
+                                                              "distinct_start_states": args.eval_start_states},
                                                  "results": results})
     artifacts.write_text(out_dir / "eval.md", agent_lib.eval_table(
         results, f"Zero-shot evaluation: {args.eval_episodes} episodes x {args.eval_steps} steps"))
@@ -165,8 +181,8 @@ def train_one(args, algo: str, out_dir: Path, ds, train_starts, log, reward_head
         agent_lib.save_policy(out_dir / "policy.pt", agent, learner, extra={"epoch": epoch + 1, "run_config": config_of(args)})
         if args.eval_every and (epoch + 1) % args.eval_every == 0 and epoch + 1 < args.epochs:
             res = agent_lib.evaluate(agent, rom=args.rom, policies=("agent",), episodes=args.eval_episodes,
-                                     steps=args.eval_steps, start_state_count=min(args.eval_episodes, 10),
-                                     seed=args.seed, deterministic=args.eval_deterministic)
+                                     steps=args.eval_steps, start_state_count=args.eval_start_states,
+                                     seed=args.seed, deterministic=args.eval_deterministic, start_walk=args.eval_start_walk)
             log.record({"epoch": epoch + 1, "algo": algo, **agent_lib.flat_eval_metrics(res)}, epoch_end=False)
         if args.time_budget is not None and time.perf_counter() - started > args.time_budget * 60:
             log.record({"epoch": epoch + 1, "algo": algo, "stopped": "time budget"}, epoch_end=False)
@@ -190,7 +206,7 @@ def main(argv=None):
     log = artifacts.RunLog(out_dir)
     if args.eval_only:
         agent, _ = agent_lib.load_policy(args.policy, args.device)
-        results = evaluate_and_write(agent, args, out_dir, agent_lib.ALL_POLICIES)
+        results = evaluate_and_write(agent, args, out_dir, ("agent",) if args.no_baselines else agent_lib.ALL_POLICIES)
         log.record({"eval_only": str(args.policy), **agent_lib.flat_eval_metrics(results)}, epoch_end=False)
         print(agent_lib.eval_table(results))
         return
@@ -214,7 +230,7 @@ def main(argv=None):
     if args.compare:
         baselines = {} if args.no_baselines else agent_lib.evaluate(
             None, rom=args.rom, policies=("random", "explore"), episodes=args.eval_episodes, steps=args.eval_steps,
-            start_state_count=min(args.eval_episodes, 10), seed=args.seed)
+            start_state_count=args.eval_start_states, seed=args.seed, start_walk=args.eval_start_walk)
         for name, res in baselines.items():
             rows[name] = {"updates": 0, "train_seconds": 0.0, **res["mean"]}
         best = max(agent_lib.ALGOS, key=lambda a: rows[a]["unique_tiles"])

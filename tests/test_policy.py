@@ -151,6 +151,16 @@ def test_actor_reads_what_the_last_step_changed(tmp_path):
     assert 0 <= loaded.act(frame) < 8 and 0 <= loaded.act(frame) < 8  # first frame: no change; then one
 
 
+def test_evaluation_from_walked_start_states(cartridge_rom):
+    plain = agent_lib.evaluate(None, rom=cartridge_rom, policies=("random",), episodes=2, steps=3, start_state_count=2)
+    walked = agent_lib.evaluate(None, rom=cartridge_rom, policies=("random",), episodes=2, steps=3, start_state_count=2,
+                                start_walk=40)
+    title = {tuple(run["start_tile"]) for run in plain["random"]["episodes"]}
+    assert len(title) == 1  # every start state the cartridge makes is the same tile
+    assert all(tuple(run["start_tile"]) not in title for run in walked["random"]["episodes"])
+    assert walked["random"]["mean"]["unique_tiles"] >= 1
+
+
 def test_policy_agent_keeps_belief_and_resizes(tmp_path):
     agent = tiny_agent("reinforce")
     path = agent_lib.save_policy(tmp_path / "policy.pt", agent)
