@@ -165,6 +165,17 @@ class PolicyAgent(nn.Module):
     def config_dict(self) -> dict:
         return {"world_model": self.wm_cfg.to_dict(), "agent": self.cfg.to_dict()}
 
+    def reconfigure(self, agent_cfg: AgentConfig) -> None:
+        """Continue with new settings (a resumed or --init-policy run): the novelty head is made or dropped
+        as `reward` asks; the actor's inputs cannot change under trained weights."""
+        if agent_cfg.actor_change != self.cfg.actor_change:
+            raise UserError(f"the policy being continued was trained with actor_change={self.cfg.actor_change}; "
+                            f"pass --actor-change only if it was (or start a new policy)")
+        if (agent_cfg.reward == "novelty") != (self.novelty is not None):
+            device = next(self.parameters()).device
+            self.novelty = NoveltyHead(self.wm_cfg).to(device) if agent_cfg.reward == "novelty" else None
+        self.cfg = agent_cfg
+
     def reset(self) -> None:
         """Forget the belief: the next frame starts a new episode."""
         self.belief = None        # (h, z): (1, D), (1, S)

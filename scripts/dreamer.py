@@ -223,9 +223,7 @@ class Loop:
         if it > 0 and previous.exists():
             agent, ckpt = agent_lib.load_policy(previous, args.device)
             learner_state = ckpt["extra"].get("learner")
-            agent.cfg = cfg
-            if (cfg.reward == "novelty") != (agent.novelty is not None):
-                agent.novelty = agent_lib.NoveltyHead(agent.wm_cfg).to(args.device) if cfg.reward == "novelty" else None
+            agent.reconfigure(cfg)
         else:
             torch.manual_seed(args.seed)
             agent = agent_lib.PolicyAgent(wm.cfg, cfg).to(args.device)

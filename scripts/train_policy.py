@@ -115,9 +115,7 @@ def make_agent(args, algo: str):
     learner_state = None
     if args.init_policy:
         agent, ckpt = agent_lib.load_policy(args.init_policy, args.device)
-        agent.cfg = cfg
-        if (cfg.reward == "novelty") != (agent.novelty is not None):  # the head follows this run's --reward
-            agent.novelty = agent_lib.NoveltyHead(agent.wm_cfg).to(args.device) if cfg.reward == "novelty" else None
+        agent.reconfigure(cfg)
         learner_state = ckpt["extra"].get("learner")
         if args.wm_checkpoint and Path(args.wm_checkpoint).exists():
             agent.wm.load_state_dict(agent_lib.load_world_model(args.wm_checkpoint, args.device).state_dict())

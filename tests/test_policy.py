@@ -131,6 +131,10 @@ def test_novelty_reward_is_the_head_on_consecutive_states(tmp_path):
     torch.testing.assert_close(loaded.imagined_reward(feat), reward)
     with pytest.raises(ValueError, match="reward"):
         agent_lib.AgentConfig.from_dict({"reward": "money"})
+    loaded.reconfigure(agent_lib.AgentConfig(reward="world-model"))  # continuing with the model's reward
+    assert loaded.novelty is None and loaded.cfg.reward == "world-model"
+    with pytest.raises(agent_lib.UserError, match="actor_change"):
+        loaded.reconfigure(agent_lib.AgentConfig(actor_change=True))
 
 
 def test_actor_reads_what_the_last_step_changed(tmp_path):
