@@ -223,7 +223,8 @@ class PolicyAgent(nn.Module):
         before = None if self.belief is None else self.belief[1]
         feat = self.observe(obs)
         if self.cfg.actor_change:  # the first frame of an episode: nothing changed yet
-            feat = torch.cat([feat, feat[:, self.wm_cfg.deter:] - (feat[:, self.wm_cfg.deter:] if before is None else before)], -1)
+            feat = imagination.with_change(feat, feat[:, self.wm_cfg.deter:] if before is None else before,
+                                           self.wm_cfg.deter)
         if not deterministic and self.cfg.epsilon > 0 and self.rng.random() < self.cfg.epsilon:
             action = int(self.rng.integers(self.wm_cfg.num_actions))
         else:
@@ -370,17 +371,14 @@ def recent_novelty(ds, memory: int) -> np.ndarray:
     `memory` steps, which the belief can hold, and pays for walking on rather than turning or pacing."""
     if memory < 1:
         raise UserError(f"novelty memory must be at least 1 step, got {memory}")
-    a = ds.arrays
+    a, segments = ds.arrays, ds.segment_ids
     tiles = (a["map_ids"].astype(np.int64) << 16) | (a["xs"].astype(np.int64) << 8) | a["ys"].astype(np.int64)
+    starts = np.flatnonzero(np.r_[True, segments[1:] != segments[:-1]])  # first row of every sequence
+    first_row = starts[np.cumsum(np.r_[False, segments[1:] != segments[:-1]])]  # ... of each row's sequence
     out = np.zeros(len(tiles), np.float32)
-    segments = ds.segment_ids
     for t in range(len(tiles) - 1):
-        if segments[t + 1] != segments[t] or a["in_battles"][t + 1]:
-            continue
-        first = t - memory + 1
-        while first < 0 or segments[first] != segments[t]:
-            first += 1
-        out[t] = float(tiles[t + 1] not in tiles[first:t + 1])
+        if segments[t + 1] == segments[t] and not a["in_battles"][t + 1]:
+            out[t] = float(tiles[t + 1] not in tiles[max(first_row[t], t - memory + 1):t + 1])
     return out
 
 
@@ -397,8 +395,7 @@ class NoveltyHead(nn.Module):
 
     def forward(self, prev_feat, next_feat):
         """(..., F), (..., F) -> logits (...)."""
-        change = next_feat[..., self.deter:] - prev_feat[..., self.deter:]
-        return self.net(torch.cat([next_feat, change], -1)).squeeze(-1)
+        return self.net(imagination.with_change(next_feat, prev_feat[..., self.deter:], self.deter)).squeeze(-1)
 
     def predict(self, prev_feat, next_feat):
         return torch.sigmoid(self(prev_feat, next_feat))
@@ -407,13 +404,17 @@ class NoveltyHead(nn.Module):
         return F.binary_cross_entropy_with_logits(self(prev_feat, next_feat), target, reduction="none")
 
 
-def fit_novelty_head(head: NoveltyHead, wm: WorldModel, ds, targets: np.ndarray, train_starts: np.ndarray,
-                     val_starts: np.ndarray, *, steps: int, batch_size: int, seed: int, device, lr: float = 1e-3) -> dict:
-    """Train `head` on `targets` (one per dataset row: the reward of that row's step) from the frozen
-    world model's posterior features of replayed windows. Returns held-out metrics: binary cross-entropy
-    of the head and of always predicting the training mean, and accuracy at 0.5 against the majority's."""
+def fit_novelty_head(head: NoveltyHead, wm: WorldModel, ds, memory: int, *, steps: int, batch_size: int, seed: int,
+                     device, lr: float = 1e-3) -> dict:
+    """Train `head` on recent_novelty(ds, memory) from the frozen world model's posterior features of
+    replayed windows (10% of the episodes held out, drawn with `seed`, when there are two or more).
+    Returns held-out metrics: binary cross-entropy of the head and of always predicting the training
+    mean, and accuracy at 0.5 against the majority's."""
     from tqdm import tqdm
 
+    targets = recent_novelty(ds, memory)
+    several = len(np.unique(ds.segment_ids[ds.window_starts])) >= 2
+    train_starts, val_starts = ds.split(0.1 if several else 0.0, seed=seed)
     optimizer = torch.optim.Adam(head.parameters(), lr=lr)
     rng = np.random.default_rng(seed)
     index = np.arange(ds.seq_len)

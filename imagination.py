@@ -91,32 +91,36 @@ def open_loop(wm: WorldModel, frames: torch.Tensor, actions: torch.Tensor, conte
     return out
 
 
+def with_change(feat: torch.Tensor, prev_z: torch.Tensor, deter: int) -> torch.Tensor:
+    """[feat, z - prev_z]: a state and what the step into it changed in the latent (nothing, for a press
+    into a wall). feat (..., D + S), prev_z (..., S) -> (..., D + 2 S)."""
+    return torch.cat([feat, feat[..., deter:] - prev_z], -1)
+
+
 def imagine_with_policy(wm: WorldModel, actor, state: tuple[torch.Tensor, torch.Tensor], horizon: int,
                         sample: bool = True, prev_z: torch.Tensor | None = None) -> dict:
     """Imagine `horizon` steps choosing actions with `actor` (models.Actor), keeping gradients
     (for actor-critic training; freeze the world model's parameters yourself).
 
     state (h, z): (B, D), (B, S) start beliefs (detached here). With prev_z (B, S), the latent before the
-    start, the actor reads [h, z, z - z_before] (what the last step changed), else [h, z]. Returns dict:
+    start, the actor reads with_change(feat, previous z), else feat = [h, z]. Returns dict:
     feat (B, H+1, F) (index 0 = start), actor_in (B, H, F') what the actor read, actions (B, H) long,
-    log_probs (B, H), entropy (B, H), reward (B, H) predicted for each action, cont (B, H) predicted
-    continue probability after it."""
+    log_probs (B, H), entropy (B, H), cont (B, H) predicted continue probability after each action
+    (rewards: PolicyAgent.imagined_reward of feat)."""
     h, z = (s.detach().clone() for s in state)  # a normal tensor even if `state` came from inference mode
-    before = None if prev_z is None else prev_z.detach().clone()
     feats, ins, acts, logps, ents = [torch.cat([h, z], -1)], [], [], [], []
     for _ in range(horizon):
-        inp = feats[-1].detach() if before is None else torch.cat([feats[-1], z - before], -1).detach()
+        inp = (feats[-1] if prev_z is None else with_change(feats[-1], prev_z, h.shape[-1])).detach()
         dist = actor.dist(inp)
         action = dist.sample()
         ins.append(inp), logps.append(dist.log_prob(action)), ents.append(dist.entropy()), acts.append(action)
-        before = None if before is None else z
+        prev_z = None if prev_z is None else z
         h, z, _ = wm.rssm.img_step(h, z, action, sample=sample)
         feats.append(torch.cat([h, z], -1))
     feat = torch.stack(feats, 1)  # (B, H+1, F)
     return {
         "feat": feat, "actor_in": torch.stack(ins, 1), "actions": torch.stack(acts, 1),
-        "log_probs": torch.stack(logps, 1), "entropy": torch.stack(ents, 1),
-        "reward": wm.reward_head.predict(feat[:, 1:]), "cont": wm.continue_prob(feat[:, 1:]),
+        "log_probs": torch.stack(logps, 1), "entropy": torch.stack(ents, 1), "cont": wm.continue_prob(feat[:, 1:]),
     }
 
 

@@ -233,11 +233,9 @@ class Loop:
             learner.load_full_state(learner_state)
         ds = PokemonDataset(self.data, seq_len=args.seq_len)
         if agent.novelty is not None:  # the head reads this iteration's world model: refit it on all the data
-            train_starts, val_starts = ds.split(0.1, seed=args.seed) if len(np.unique(ds.segment_ids)) > 1 \
-                else (ds.window_starts, ds.window_starts[:0])
-            metrics = agent_lib.fit_novelty_head(agent.novelty, agent.wm, ds, agent_lib.recent_novelty(ds, cfg.novelty_memory),
-                                                 train_starts, val_starts, steps=args.reward_fit_steps,
-                                                 batch_size=args.batch_size, seed=args.seed + it, device=args.device)
+            metrics = agent_lib.fit_novelty_head(agent.novelty, agent.wm, ds, cfg.novelty_memory,
+                                                 steps=args.reward_fit_steps, batch_size=args.batch_size,
+                                                 seed=args.seed + it, device=args.device)
             self.log.record({"iteration": it, **metrics}, epoch_end=False)
         agent_lib.train_in_imagination(agent, learner, ds, ds.window_starts, updates=args.policy_updates,
                                        batch_size=args.batch_size, seed=args.seed, device=args.device, log=self.log,

@@ -148,15 +148,14 @@ def evaluate_and_write(agent, args, out_dir: Path, policies) -> dict:
     return results
 
 
-def novelty_head(args, ds, train_starts, val_starts, log):
+def novelty_head(args, ds, log):
     """With --reward novelty: a NoveltyHead fitted on the replayed windows (once, shared by --compare's
     algorithms); else None."""
     if args.reward != "novelty":
         return None
     wm = agent_lib.load_world_model(args.wm_checkpoint, args.device)
     head = agent_lib.NoveltyHead(wm.cfg).to(args.device)
-    targets = agent_lib.recent_novelty(ds, args.novelty_memory)
-    metrics = agent_lib.fit_novelty_head(head, wm, ds, targets, train_starts, val_starts, steps=args.reward_fit_steps,
+    metrics = agent_lib.fit_novelty_head(head, wm, ds, args.novelty_memory, steps=args.reward_fit_steps,
                                          batch_size=args.batch_size, seed=args.seed, device=args.device)
     log.record({"reward": "novelty", "novelty_memory": args.novelty_memory, **metrics}, epoch_end=False)
     print("novelty reward, held-out windows: " + ", ".join(f"{k.split('/')[1]} {v:.4g}" for k, v in metrics.items()))
@@ -210,10 +209,10 @@ def main(argv=None):
         return
     ds = PokemonDataset(args.data_dir, seq_len=args.seq_len)
     episodes = len(np.unique(ds.segment_ids[ds.window_starts]))
-    train_starts, val_starts = ds.split(0.1 if episodes >= 2 else 0.0, seed=args.seed)
+    train_starts, _ = ds.split(0.1 if episodes >= 2 else 0.0, seed=args.seed)
     artifacts.write_json(out_dir / "config.json", {"run": config_of(args), "train_windows": int(len(train_starts)),
                                                    "agent": agent_config(args, args.algo).to_dict()})
-    reward_head = novelty_head(args, ds, train_starts, val_starts, log)
+    reward_head = novelty_head(args, ds, log)
     algos = agent_lib.ALGOS if args.compare else (args.algo,)
     rows = {}
     for algo in algos:

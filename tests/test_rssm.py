@@ -159,7 +159,7 @@ def test_imagination_rolls_the_prior_and_decodes():
     torch.testing.assert_close(again["feat"], out["imagined"]["feat"])
     actor = __import__("models").Actor(wm.cfg)
     rollout = imagination.imagine_with_policy(wm, actor, imagination.last_state(ctx), horizon=3)
-    assert rollout["feat"].shape == (2, 4, wm.feat_dim) and rollout["reward"].shape == (2, 3)
+    assert rollout["feat"].shape == (2, 4, wm.feat_dim) and rollout["cont"].shape == (2, 3)
     rollout["log_probs"].sum().backward()
     assert any(p.grad is not None for p in actor.parameters())
 
