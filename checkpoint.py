@@ -186,9 +186,9 @@ def keep_freed_memory() -> bool:
     handing it back to the OS (mallopt M_MMAP_MAX = 0, M_TRIM_THRESHOLD = 1 GiB). A training step frees
     and re-allocates the same large activations every step; by default glibc maps each block over
     32 MB afresh (mmap) and unmaps it when freed, so every step page-faults it in and zeroes it again
-    (2-3 million minor page faults per faithful step at 8x15; a few hundred thousand with this, once the
-    heap has grown). Numerics are untouched; the cost is memory: the heap keeps its peak and some
-    fragmentation (faithful at 8x15: 4.6 GB peak RSS instead of 3.6). Call it at process start, before
+    (faithful at 8x15: ~1.7 million minor page faults per step, ~0.19 million with this once the heap has
+    grown; benchmark.py's minor_page_faults_per_step). Numerics are untouched; the cost is memory: the
+    heap keeps its peak and some fragmentation (faithful at 8x15: 4.6-4.8 GB peak RSS instead of 3.4-3.5). Call it at process start, before
     large tensors exist. Returns whether it applied (False off glibc)."""
     import ctypes
     import ctypes.util

@@ -24,6 +24,7 @@ Measured, each in its own forked process (so its peak RSS is its own and one can
                        for the default preset; these are NOT interleaved: differences under ~20% are noise
                        on a shared machine.
 Ratios come from figures of the SAME run; absolute speeds depend on what else the machine runs.
+Training results also carry minor_page_faults_per_step (median; allocator behaviour, not speed).
 Peak RSS = ru_maxrss of the measuring process (includes the interpreter and its imports; the RSS just
 before the timed work is given as baseline_rss_mb); for the collector, the largest of its processes.
 Writes --out (JSON, atomic) and prints a table.
@@ -343,6 +344,7 @@ def _training_way(conn, way, data_dir, preset, batch_size, seq_len, threads, cha
                "windows": len(ds)})
     while conn.recv():
         starts = rng.choice(ds.window_starts, batch_size, replace=len(ds) < batch_size)
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         began = time.perf_counter()
         if way == "original":
             frames, actions, rewards, continues = original_batch(torch, ds, starts)
@@ -356,7 +358,7 @@ def _training_way(conn, way, data_dir, preset, batch_size, seq_len, threads, cha
         total.backward()
         torch.nn.utils.clip_grad_norm_(wm.parameters(), wm.cfg.grad_clip)
         optimizer.step()
-        conn.send(time.perf_counter() - began)
+        conn.send((time.perf_counter() - began, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults))
     conn.send(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
@@ -377,13 +379,13 @@ def measure_training(data_dir, preset, batch_size, seq_len, steps, threads, ways
             child.close()
             children[way] = (process, parent)
             info[way] = parent.recv()
-        timings = {way: [] for way in ways}
+        timings, faults = {way: [] for way in ways}, {way: [] for way in ways}
         for i in range(steps + 1):
             for way in ways:
                 children[way][1].send(True)
-                seconds = children[way][1].recv()
+                seconds, step_faults = children[way][1].recv()
                 if i:
-                    timings[way].append(seconds)
+                    timings[way].append(seconds), faults[way].append(step_faults)
         peaks = {}
         for way in ways:
             children[way][1].send(False)
@@ -398,7 +400,7 @@ def measure_training(data_dir, preset, batch_size, seq_len, steps, threads, ways
     rate = {way: batch_size * seq_len / float(np.median(t)) for way, t in timings.items()}
     first = info[ways[0]]
     result = {"value": rate[ways[0]], "unit": "frames/s", "baseline_rss_mb": first["baseline_rss_mb"],
-              "peak_rss_mb": peaks[ways[0]],
+              "peak_rss_mb": peaks[ways[0]], "minor_page_faults_per_step": float(np.median(faults[ways[0]])),
               "config": {"preset": preset, "way": ways[0], "batch_size": batch_size, "seq_len": seq_len,
                          "resolution": first["resolution"], "timed_steps": steps, "threads": threads,
                          "channels_last": first["channels_last"], "torch_compile": compile_model,
@@ -408,6 +410,7 @@ def measure_training(data_dir, preset, batch_size, seq_len, steps, threads, ways
     for way in ways[1:]:
         result[way] = rate[way]
         result[f"{way}_peak_rss_mb"] = peaks[way]
+        result[f"{way}_minor_page_faults_per_step"] = float(np.median(faults[way]))
     return result
 
 
@@ -415,7 +418,9 @@ def paired(result: dict, way: str, note: str, **config) -> dict:
     """The second loop of an interleaved measurement as a result of its own (`config`: what differs)."""
     config = dict(result["config"], way=note, interleaved_with=[result["config"]["way"]], **config)
     peak = result.pop(f"{way}_peak_rss_mb", result["peak_rss_mb"])
-    return {"value": result.pop(way), "unit": result["unit"], "peak_rss_mb": peak,
+    extra = {"minor_page_faults_per_step": result.pop(f"{way}_minor_page_faults_per_step")} \
+        if f"{way}_minor_page_faults_per_step" in result else {}
+    return {"value": result.pop(way), "unit": result["unit"], "peak_rss_mb": peak, **extra,
             "baseline_rss_mb": result["baseline_rss_mb"], "seconds": result["seconds"], "config": config}
 
 

@@ -42,6 +42,8 @@ def test_quick_benchmark_reports_every_field(tmp_path, cartridge_rom):
     assert report["config"]["quick"] and report["config"]["torch"]
     assert report["results"]["train_faithful"]["config"]["allocator"] == "keep_freed_memory"
     assert report["results"]["train_faithful_original"]["config"]["allocator"] == "default"
+    for name in ("train_faithful", "train_faithful_original", "train_default"):
+        assert report["results"][name]["minor_page_faults_per_step"] >= 0, name
     finite_numbers(report, "report")
     for name in MEASUREMENTS + RATIOS:  # the printed table names every figure
         assert name in done.stdout, name
