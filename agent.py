@@ -637,7 +637,8 @@ def flat_eval_metrics(results: dict) -> dict:
 
 
 def plot_progress(records: list, path, x_key: str = "env_steps") -> None:
-    """Return and unique tiles of the evaluated policy against environment steps (one png)."""
+    """Return and unique tiles of the evaluated policy against environment steps (one png); records
+    evaluated from other start states ("eval/start_walk") get lines of their own."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -646,13 +647,20 @@ def plot_progress(records: list, path, x_key: str = "env_steps") -> None:
     points = [r for r in records if "eval/agent/unique_tiles" in r]
     if not points:
         return
+    groups = {}
+    for r in points:
+        groups.setdefault(r.get("eval/start_walk", 0), []).append(r)
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     for ax, key in zip(axes, ("unique_tiles", "return")):
-        xs = [r[x_key] for r in points]
-        ax.plot(xs, [r[f"eval/agent/{key}"] for r in points], marker="o", label="policy")
-        for base in ("random", "explore"):
-            if any(f"eval/{base}/{key}" in r for r in points):
-                ax.plot(xs, [r.get(f"eval/{base}/{key}", math.nan) for r in points], linestyle="--", label=base)
+        for walk, group in groups.items():
+            where = f" (starts walked {walk})" if walk else " (cartridge start)"
+            where = where if len(groups) > 1 else ""
+            xs = [r[x_key] for r in group]
+            ax.plot(xs, [r[f"eval/agent/{key}"] for r in group], marker="o", label="policy" + where)
+            for base in ("random", "explore"):
+                if any(f"eval/{base}/{key}" in r for r in group):
+                    ax.plot(xs, [r.get(f"eval/{base}/{key}", math.nan) for r in group], linestyle="--",
+                            label=base + where)
         ax.set_xlabel("environment steps")
         ax.set_ylabel(key)
         ax.legend(fontsize=7)

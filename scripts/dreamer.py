@@ -12,8 +12,9 @@ Iteration i:
                  (a subprocess; its run folder is OUT/world_model)
     policy       --policy-updates actor-critic updates in imagination, continuing the last policy
                  (OUT/policies/policy_iter_NNN.pt; OUT/policy.pt is always the latest)
-    evaluate     the policy zero-shot on start states not used in training (the random policy and
-                 the scripted explorer once, at iteration 0); a record in metrics.jsonl and progress.png
+    evaluate     the policy zero-shot on start states not used in training, by default where the
+                 scripted explorer stands after --eval-start-walk actions (the random policy and the
+                 explorer once per evaluation setting); a record in metrics.jsonl and progress.png
 """
 from __future__ import annotations
 
@@ -37,9 +38,11 @@ from env import DEFAULT_ROM, PokemonEnv, identify_rom, parse_resolution
 from errors import UserError, cli
 from explorer import ExplorePolicy
 from models import RSSM_PRESETS
+from planner import walk_start_states
 
 REPO = Path(__file__).resolve().parents[1]
 PHASES = ("collect", "world_model", "policy", "evaluate")
+COLLECT_WALK_SEED = 7_000_000  # walks of collection start states (evaluation's walks use [seed, i])
 TEMP_PREFIX = ".tmp_"  # the collector's prefix for half-written files (it removes strays)
 
 
@@ -56,6 +59,9 @@ def parse_args(argv=None):
     p.add_argument("--episode-length", type=int, default=500, help="steps per collection episode")
     p.add_argument("--save-interval", type=int, default=500, help="steps per chunk file")
     p.add_argument("--start-states", type=int, default=4, help="collection start states (title waits 17 i frames)")
+    p.add_argument("--collect-start-walk", type=int, default=0,
+                   help="N > 0: each iteration's collection episodes begin where the scripted explorer stands after N "
+                        "actions from those start states (new walks every iteration): the policy acts all over the world")
     p.add_argument("--wm-preset", choices=RSSM_PRESETS, default="default", help="world-model preset of a new run")
     p.add_argument("--wm-init", default=None,
                    help="start the world model from this train_rssm.py checkpoint_latest.pt instead of from scratch")
@@ -77,8 +83,12 @@ def parse_args(argv=None):
     p.add_argument("--novelty-memory", type=int, default=20, help="steps a tile counts as recently seen (--reward novelty)")
     p.add_argument("--reward-fit-steps", type=int, default=300, help="novelty-head updates per iteration")
     p.add_argument("--actor-change", action="store_true", help="the actor also reads what the last step changed")
-    p.add_argument("--eval-episodes", type=int, default=5, help="evaluation episodes per iteration")
+    p.add_argument("--eval-episodes", type=int, default=10, help="evaluation episodes per iteration")
     p.add_argument("--eval-steps", type=int, default=500, help="steps per evaluation episode")
+    p.add_argument("--eval-start-states", type=int, default=10, help="evaluation start states (never used in training)")
+    p.add_argument("--eval-start-walk", type=int, default=100,
+                   help="evaluation episodes begin where the scripted explorer stands after N actions from those "
+                        "states (0: the cartridge's start, one tile for every start state)")
     p.add_argument("--seed", type=int, default=0, help="seed of everything")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads here and in the world-model trainer")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the models run")
@@ -86,9 +96,12 @@ def parse_args(argv=None):
     args.resolution = parse_resolution(args.resolution)
     for name in ("iterations", "prefill_steps", "collect_steps", "episode_length", "save_interval", "wm_epochs",
                  "wm_steps", "wm_batch_size", "policy_updates", "batch_size", "eval_episodes", "eval_steps",
-                 "novelty_memory", "reward_fit_steps"):
+                 "novelty_memory", "reward_fit_steps", "eval_start_states"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    for name in ("collect_start_walk", "eval_start_walk"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 0, got {getattr(args, name)}")
     if not 0 <= args.epsilon <= 1:
         raise UserError(f"--epsilon must be in [0, 1], got {args.epsilon}")
     checkpoint.resolve_device(args.device)  # an unavailable CUDA device fails here, not in a later phase
@@ -146,6 +159,9 @@ class Loop:
         rng = np.random.default_rng([args.seed, it, rows, 1])
         env = PokemonEnv(rom=args.rom, resolution=args.resolution, episode_length=args.episode_length,
                          start_state_count=args.start_states)
+        if args.collect_start_walk > 0:  # seeds of their own: evaluation walks from other states with [seed, i]
+            env.start_states = walk_start_states(env, args.start_states, args.collect_start_walk,
+                                                 seed=COLLECT_WALK_SEED + 1000 * args.seed + it)
         explorer = ExplorePolicy(rng)
         buffer = ChunkBuffer(min(args.save_interval, todo), args.resolution)
         stats = {"episodes": 0, "tiles": [], "badges": 0}
@@ -248,14 +264,21 @@ class Loop:
     def evaluate(self, it: int) -> None:
         args = self.args
         agent, _ = agent_lib.load_policy(self.policy_path(it), args.device)
-        policies = ("agent",) if (self.out / "baselines.json").exists() else agent_lib.ALL_POLICIES
+        settings = {"episodes": args.eval_episodes, "steps": args.eval_steps, "start_states": args.eval_start_states,
+                    "start_walk": args.eval_start_walk, "seed": args.seed}
+        saved = self.out / "baselines.json"  # the baselines of these settings, measured once
+        baselines = json.loads(saved.read_text()) if saved.exists() else {}
+        if baselines.get("settings") != settings:
+            baselines = {}
+        policies = ("agent",) if baselines else agent_lib.ALL_POLICIES
         results = agent_lib.evaluate(agent, rom=args.rom, policies=policies, episodes=args.eval_episodes,
-                                     steps=args.eval_steps, start_state_count=min(args.eval_episodes, 10),
-                                     seed=args.seed, video_path=self.out / f"eval_iter_{it:03d}.mp4")
-        if "random" in results:
-            artifacts.write_json(self.out / "baselines.json", {k: v for k, v in results.items() if k != "agent"})
-        baselines = json.loads((self.out / "baselines.json").read_text())
-        results.update(baselines)
+                                     steps=args.eval_steps, start_state_count=args.eval_start_states,
+                                     seed=args.seed, start_walk=args.eval_start_walk,
+                                     video_path=self.out / f"eval_iter_{it:03d}.mp4")
+        if not baselines:
+            baselines = {"settings": settings, "results": {k: v for k, v in results.items() if k != "agent"}}
+            artifacts.write_json(saved, baselines)
+        results.update(baselines["results"])
         wm_record = {}
         wm_log = self.wm_dir / "metrics.jsonl"
         if wm_log.exists():
@@ -264,6 +287,7 @@ class Loop:
                 wm_record = {f"wm/{k.split('/', 1)[1]}": last[-1][k] for k in ("loss/val", "loss/val_recon", "eval/psnr")
                              if k in last[-1]}
         record = {"iteration": it, "env_steps": self.data_rows(), **wm_record, **agent_lib.flat_eval_metrics(results),
+                  "eval/start_walk": args.eval_start_walk,
                   "collect/mean_unique_tiles": self.state.get("collect_stats", {}).get("mean_unique_tiles"),
                   "first_badge_env_step": self.state["first_badge_env_step"]}
         self.log.record(record, epoch_end=False)
@@ -292,7 +316,8 @@ class Loop:
 
 
 def progress_table(records: list) -> str:
-    keys = ("env_steps", "eval/agent/unique_tiles", "eval/agent/return", "eval/agent/maps", "eval/agent/badges")
+    keys = ("env_steps", "eval/start_walk", "eval/agent/unique_tiles", "eval/random/unique_tiles", "eval/agent/return",
+            "eval/agent/maps", "eval/agent/badges")
     lines = ["| iteration | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for r in records:
         lines.append(f"| {r['iteration']} | " + " | ".join(f"{r.get(k, float('nan')):.2f}" if isinstance(r.get(k), float)

@@ -116,7 +116,7 @@ def evaluate_checkpoint(path: Path, ds, train_starts, val_starts, args, device) 
         print(f"wrote the probe of {path} to {args.save_probe}", flush=True)
 
     K, C = args.horizon, args.context
-    sums = {"tile_error": torch.zeros(K), "map_acc": torch.zeros(K), "mse": torch.zeros(K)}
+    sums = {"tile_error": torch.zeros(K), "map_acc": torch.zeros(K), "mse": torch.zeros(K), "stay_tile_error": torch.zeros(K)}
     post_err, post_acc, recon_mse, count = [], [], [], 0
     val = evenly(val_starts, args.max_sequences)
     for i in tqdm(range(0, len(val), args.batch_size), desc=f"imagining ({path.name})", unit="batch"):
@@ -130,6 +130,9 @@ def evaluate_checkpoint(path: Path, ds, train_starts, val_starts, args, device) 
         sums["tile_error"] += error.sum(0)
         sums["map_acc"] += correct.sum(0)
         sums["mse"] += frame_mse.sum(0)
+        # the no-move baseline: the player stays on the last context frame's tile
+        stay = (xs - batch["xs"][:, C - 1:C].float()).abs() + (ys - batch["ys"][:, C - 1:C].float()).abs()
+        sums["stay_tile_error"] += stay.sum(0)
         count += len(frames)
         # the posterior over the whole window: reconstruction quality and what the probe reads from it
         ctx = imagination.observe(wm, frames, actions)
@@ -153,8 +156,9 @@ def evaluate_checkpoint(path: Path, ds, train_starts, val_starts, args, device) 
 
 def markdown(results: dict, horizon: int) -> str:
     labels = list(results)
-    head = "| k | " + " | ".join(f"{l} tile err | {l} map acc | {l} PSNR dB" for l in labels) + " |"
-    rule = "|---|" + "---|---|---|" * len(labels)
+    head = ("| k | no-move tile err | " + " | ".join(f"{l} tile err | {l} map acc | {l} PSNR dB" for l in labels)
+            + " |")
+    rule = "|---|---|" + "---|---|---|" * len(labels)
     lines = ["# RSSM imagination drift on held-out episodes", "",
              "| | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
     for key, name in [("preset", "preset"), ("parameters", "parameters"), ("sequences", "sequences"),
@@ -164,9 +168,11 @@ def markdown(results: dict, horizon: int) -> str:
                       ("posterior_map_acc", "probe map accuracy on the posterior")]:
         cells = [f"{results[l][key]:.3f}" if isinstance(results[l][key], float) else str(results[l][key]) for l in labels]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", "Per imagined step k (prior only after the context frames):", "", head, rule]
+    lines += ["", "Per imagined step k (prior only after the context frames; no-move: the tile error of guessing that",
+              "the player stays where the last context frame shows it, a floor any useful imagination must beat):",
+              "", head, rule]
     for k in range(horizon):
-        cells = []
+        cells = [f"{results[labels[0]]['steps'][k]['stay_tile_error']:.2f}"]
         for l in labels:
             s = results[l]["steps"][k]
             cells.append(f"{s['tile_error']:.2f} | {s['map_acc']:.3f} | {s['psnr']:.2f}")
@@ -185,6 +191,8 @@ def plot(results: dict, path: Path) -> None:
         ks = [s["k"] for s in res["steps"]]
         for ax, key in zip(axes, ("tile_error", "map_acc", "psnr")):
             ax.plot(ks, [s[key] for s in res["steps"]], label=label)
+    first = next(iter(results.values()))["steps"]
+    axes[0].plot([s["k"] for s in first], [s["stay_tile_error"] for s in first], "k:", label="no-move baseline")
     for ax, title in zip(axes, ("probe tile error (Manhattan)", "map-id accuracy", "frame PSNR (dB)")):
         ax.set_xlabel("imagined step k")
         ax.set_title(title)

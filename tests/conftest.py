@@ -6,6 +6,7 @@ collected_data  collected_data("36x40") -> Path of a data folder of 600 real ste
                 (3 episodes of 200, 2 chunks), collected once per session and resolution
                 by scripts/collect_data.py --policy explore --seed 0
 """
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,19 @@ def run_script(script: str, *args, timeout=300) -> subprocess.CompletedProcess:
     """Run scripts/<script> with this interpreter; returns the finished process (not checked)."""
     command = [sys.executable, str(REPO / "scripts" / script), *map(str, args)]
     return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+_SCRIPTS = {}
+
+
+def load_script(name: str):
+    """scripts/<name>.py imported as a module (once), so its functions and main() run in this process."""
+    if name not in _SCRIPTS:
+        spec = importlib.util.spec_from_file_location(f"script_{name}", REPO / "scripts" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        _SCRIPTS[name] = module
+    return _SCRIPTS[name]
 
 
 @pytest.fixture(scope="session")

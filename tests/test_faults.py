@@ -4,7 +4,6 @@ cleanly; random bytes and mangled files make the loaders raise UserError and not
 collector worker's memory stays flat from chunk to chunk.
 """
 import errno
-import importlib.util
 import io
 import json
 import shutil
@@ -21,7 +20,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import checkpoint
-from conftest import REPO
+from conftest import REPO, load_script
 from dataset import CHUNK_FIELDS, PokemonDataset, chunk_name, list_chunks, write_npz
 from env import _header_checksum, identify_rom
 from errors import UserError, cli
@@ -32,24 +31,11 @@ TINY_TRAIN = ["--preset", "tiny", "--threads", "1", "--batch-size", "2", "--seq-
 
 
 # --- helpers ----------------------------------------------------------------------------------
-_SCRIPTS = {}
-
-
-def script(name: str):
-    """scripts/<name>.py imported as a module (once), so its main() runs in this process."""
-    if name not in _SCRIPTS:
-        spec = importlib.util.spec_from_file_location(f"script_{name}", REPO / "scripts" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        _SCRIPTS[name] = module
-    return _SCRIPTS[name]
-
-
 def exit_2(capsys, name: str, *args) -> str:
     """Run scripts/<name>.py's main(args) as its __main__ would; assert exit code 2 with exactly one
     `error:` line and no traceback; return that line."""
     with pytest.raises(SystemExit) as exit_info:
-        cli(script(name).main)([str(a) for a in args])
+        cli(load_script(name).main)([str(a) for a in args])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2, err
     assert "Traceback" not in err

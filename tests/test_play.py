@@ -1,7 +1,6 @@
 """Play inside the dream: a headless scripted session of scripts/play_dream.py on a tiny world model
 (dream and real mode, the re-sync on Tab, recording, reset, quit), the probe evaluate_rssm.py saves
 for the HUD, and the refusals."""
-import importlib.util
 
 import imageio.v3 as iio
 import numpy as np
@@ -10,7 +9,7 @@ import torch
 
 import checkpoint
 import imagination
-from conftest import REPO, run_script
+from conftest import load_script, run_script
 from dataset import frames_to_float
 from env import ACTIONS, PokemonEnv
 from models import StateProbe, StateProbeConfig
@@ -25,10 +24,7 @@ N = len(WALK)
 
 
 def load_play_dream():
-    spec = importlib.util.spec_from_file_location("play_dream", REPO / "scripts" / "play_dream.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("play_dream")
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:

@@ -238,6 +238,7 @@ def test_dreamer_one_iteration(collected_data, cartridge_rom, tiny_world_model, 
     args = ["--data-dir", data, "--out-dir", out, "--rom", cartridge_rom, "--iterations", 1, "--prefill-steps", 630,
             "--episode-length", 30, "--wm-init", tiny_world_model, "--wm-steps", 1, "--wm-batch-size", 2,
             "--policy-updates", 1, "--batch-size", 2, "--imag-horizon", 4, "--eval-episodes", 1, "--eval-steps", 8,
+            "--eval-start-states", 1, "--eval-start-walk", 40, "--collect-start-walk", 40,
             "--reward", "novelty", "--reward-fit-steps", 1]
     done = run_script("dreamer.py", *args)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -247,7 +248,15 @@ def test_dreamer_one_iteration(collected_data, cartridge_rom, tiny_world_model, 
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     progress = [r for r in records if "env_steps" in r]
     assert progress and progress[-1]["env_steps"] == 630 and "eval/agent/unique_tiles" in progress[-1]
-    assert "eval/explore/unique_tiles" in progress[-1]
+    assert "eval/explore/unique_tiles" in progress[-1] and progress[-1]["eval/start_walk"] == 40
+    baselines = json.loads((out / "baselines.json").read_text())
+    assert baselines["settings"]["start_walk"] == 40 and set(baselines["results"]) == {"random", "explore"}
+    with np.load(sorted(data.glob("transitions_*.npz"))[-1]) as chunk:  # the 30 collected steps began off the title tile
+        first = (int(chunk["map_ids"][0]), int(chunk["xs"][0]), int(chunk["ys"][0]))
+    with np.load(sorted(data.glob("transitions_*.npz"))[0]) as chunk:
+        title = {(int(m), int(x), int(y)) for m, x, y, s in zip(chunk["map_ids"], chunk["xs"], chunk["ys"],
+                                                                 chunk["episode_starts"]) if s}
+    assert first not in title
     assert any("novelty_fit/bce" in r for r in records)  # --reward novelty: the head refitted this iteration
     for name in ("policy.pt", "progress.png", "progress.md", "policies/policy_iter_000.pt", "world_model/checkpoint_latest.pt"):
         assert (out / name).exists(), name

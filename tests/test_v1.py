@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, run_script
+from conftest import load_script, run_script
 from models import VAE, DynamicsConfig, LatentDynamics, ProbeConfig, RamProbe, VAEConfig
 from planner import Goal, LatentPlanner, PlannerPolicy, candidate_macros
 
@@ -319,11 +319,7 @@ def test_evaluate_drift_table(v1_run, tmp_path):
 
 def test_user_error_is_one_line_exit_2(v1_run, tmp_path, capsys):
     """More rollout steps than the windows hold: `error: ...` on one line, exit code 2."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("evaluate_drift", REPO / "scripts" / "evaluate_drift.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("evaluate_drift")
     with pytest.raises(SystemExit) as exit_info:
         script.main(["--data-dir", str(v1_run["data"]), "--checkpoint", str(v1_run["ss"]), "--steps", "40",
                      "--out-dir", str(tmp_path), "--device", "cpu"])
