@@ -378,11 +378,6 @@ class RSSMConfig:
     free_nats: float = 1.0  # each step's KL (summed over latents) is clipped below at this value
     reward_scale: float = 1.0
     continue_scale: float = 1.0
-    # auxiliary game-state loss (ours; 0 = off): a head on h_t, the deterministic state before frame t is seen,
-    # predicts the RAM's map id, x and y at t (cross-entropy over their 256 byte values each) for t >= 1, so the
-    # recurrent path that imagination runs on must carry where the player is. The chunks' RAM fields train
-    # it; imagination, acting and the decoder never need them.
-    state_scale: float = 0.0
     grad_clip: float = 1000.0  # max global grad norm
     lr: float = 3e-4  # Adam learning rate train_rssm.py uses unless --lr is given
 
@@ -441,8 +436,6 @@ class RSSMConfig:
             raise ValueError("RSSMConfig with frame_model='tiles' needs conv_strides[0] == 8 (one cell per 8x8 tile), "
                              "conv_residual=False and tile_vocab >= 2")
 
-
-GAME_STATE_KEYS = ("map_ids", "xs", "ys")  # the dataset's RAM fields the state head predicts (one byte each)
 
 _RSSM_PRESET_FIELDS = {
     # The original v2 model, layer for layer (~56.7 M parameters in the world model).
@@ -859,11 +852,6 @@ class WorldModel(nn.Module):
             "recon": cfg.recon_scale, "kl_dyn": cfg.kl_scale * cfg.kl_dyn, "kl_rep": cfg.kl_scale * cfg.kl_rep,
             "reward": cfg.reward_scale, "cont": cfg.continue_scale,
         }
-        self.state_head = None
-        if cfg.state_scale > 0:
-            self.state_head = mlp(cfg.deter, cfg.head_hidden, 1, len(GAME_STATE_KEYS) * 256, norm=cfg.mlp_norm,
-                                  act=cfg.mlp_act)
-            self.loss_weights["state"] = cfg.state_scale
         if cfg.channels_last:
             self.encoder.to(memory_format=torch.channels_last)
             self.decoder.to(memory_format=torch.channels_last)
@@ -906,16 +894,11 @@ class WorldModel(nn.Module):
     def continue_prob(self, feat):
         return torch.sigmoid(self.cont_head(feat).squeeze(-1))
 
-    def state_logits(self, h):
-        """(..., D) deterministic states -> (..., 3, 256) logits of the map id, x and y bytes (`state_scale` > 0)."""
-        return self.state_head(h).unflatten(-1, (len(GAME_STATE_KEYS), 256))
-
-    def forward(self, frames, actions, rewards, continues, game=None):
+    def forward(self, frames, actions, rewards, continues):
         """Training loss on a batch of windows.
 
         frames (B, T, 3, H, W) in [0, 1]; actions (B, T) (a_t taken after frame t); rewards, continues (B, T)
-        (r_t received for a_t; continues_t = 0 when the episode ended after a_t); game: the batch's RAM
-        fields {key: (B, T) long} for GAME_STATE_KEYS, needed only when `state_scale` > 0.
+        (r_t received for a_t; continues_t = 0 when the episode ended after a_t).
         Returns (total loss, dict of losses, dict of float metrics, posterior states).
         """
         cfg = self.cfg
@@ -947,16 +930,6 @@ class WorldModel(nn.Module):
             "recon": recon, "kl_dyn": dyn.mean(), "kl_rep": rep.mean(),
             "reward": reward_loss, "cont": cont_loss,
         }
-        state_acc = None
-        if self.state_head is not None:
-            if game is None or any(k not in game for k in GAME_STATE_KEYS):
-                raise ValueError(f"this world model learns the game state (state_scale > 0): pass game= with the "
-                                 f"batch's {', '.join(GAME_STATE_KEYS)}")
-            target = torch.stack([game[k] for k in GAME_STATE_KEYS], -1)[:, 1:].clamp(0, 255)  # (B, T-1, 3)
-            logits = self.state_logits(states["h"][:, 1:])  # h_0 has seen nothing yet
-            losses["state"] = F.cross_entropy(logits.flatten(0, -2), target.flatten())
-            with torch.no_grad():
-                state_acc = (logits.argmax(-1) == target).all(-1).float().mean().item()
         assert losses.keys() == self.loss_weights.keys(), (losses.keys(), self.loss_weights.keys())
         total = sum(self.loss_weights[k] * v for k, v in losses.items())
         with torch.no_grad():
@@ -968,8 +941,6 @@ class WorldModel(nn.Module):
                 "reward_mse": (reward_pred - rewards[:, :-1]).pow(2).mean().item(),
                 "post_entropy": -(post.exp() * post).sum(-1).mean().item(),
             }
-            if state_acc is not None:
-                metrics["state_acc"] = state_acc  # map, x and y all right, from h alone
         return total, losses, metrics, states
 
 

@@ -29,7 +29,7 @@ import checkpoint
 import imagination
 from dataset import PokemonDataset, frames_to_float
 from errors import UserError, cli
-from models import GAME_STATE_KEYS, RSSM_PRESETS, RSSMConfig, WorldModel, psnr
+from models import RSSM_PRESETS, RSSMConfig, WorldModel, psnr
 
 
 def parse_args(argv=None):
@@ -109,11 +109,8 @@ def epoch_order(count: int, seed: int, epoch: int) -> np.ndarray:
 
 
 def to_device(batch: dict, device) -> tuple:
-    """-> (frames, actions, rewards, continues, game): the model's forward arguments (game: the RAM fields
-    the state head learns, models.GAME_STATE_KEYS)."""
     frames = frames_to_float(batch["obs"], device)  # (B, T, 3, H, W)
-    game = {k: batch[k].to(device) for k in GAME_STATE_KEYS}
-    return (frames, batch["actions"].to(device), batch["rewards"].to(device), batch["continues"].to(device), game)
+    return (frames, batch["actions"].to(device), batch["rewards"].to(device), batch["continues"].to(device))
 
 
 @torch.inference_mode()
@@ -122,14 +119,11 @@ def evaluate(wm: WorldModel, ds: PokemonDataset, starts: np.ndarray, batch_size:
     wm.eval()
     sums, count = {}, 0
     for i in range(min(max_batches, math.ceil(len(starts) / batch_size))):
-        frames, actions, rewards, continues, game = to_device(ds.get_batch(starts[i * batch_size:(i + 1) * batch_size]),
-                                                              device)
-        total, losses, metrics, states = wm(frames, actions, rewards, continues, game=game)
+        frames, actions, rewards, continues = to_device(ds.get_batch(starts[i * batch_size:(i + 1) * batch_size]), device)
+        total, losses, metrics, states = wm(frames, actions, rewards, continues)
         recon = wm.decode(imagination.features(states))
         values = {"loss": total.item(), "kl": metrics["kl"], "recon": metrics["recon_mse"],
                   "reward": metrics["reward_mse"], "mse": (recon - frames).pow(2).mean().item()}
-        if "state_acc" in metrics:  # the state head's exact (map, x, y) from h alone
-            values["state_acc"] = metrics["state_acc"]
         values.update({f"loss_{k}": v.item() for k, v in losses.items()})
         for k, v in values.items():
             sums[k] = sums.get(k, 0.0) + v * len(frames)
@@ -287,8 +281,8 @@ def main(argv=None):
         for i in bar:
             t0 = time.perf_counter()
             starts = order[i * global_batch + rank * args.batch_size:i * global_batch + (rank + 1) * args.batch_size]
-            frames, actions, rewards, continues, game = to_device(ds.get_batch(starts), device)
-            total, losses, metrics, _ = model(frames, actions, rewards, continues, game=game)
+            frames, actions, rewards, continues = to_device(ds.get_batch(starts), device)
+            total, losses, metrics, _ = model(frames, actions, rewards, continues)
             bad = nonfinite_losses(total, losses)
             out_of_time = args.time_budget is not None and time.perf_counter() - started > args.time_budget * 60
             if world > 1:  # every rank must agree to stop
@@ -318,8 +312,7 @@ def main(argv=None):
                 if step % args.log_every == 0:
                     log.record({"step": step, "epoch": epoch + 1, **{f"loss/{k}": v.item() for k, v in losses.items()},
                                 "loss/total": values["total"], "train/psnr": metrics["psnr"], "train/kl": metrics["kl"],
-                                "train/grad_norm": grad_norm.item(), "perf/frames_per_s": frames_per_batch / dt,
-                                **({"train/state_acc": metrics["state_acc"]} if "state_acc" in metrics else {})},
+                                "train/grad_norm": grad_norm.item(), "perf/frames_per_s": frames_per_batch / dt},
                                epoch_end=False)
                 if args.val_every and step % args.val_every == 0 and len(val_starts):
                     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -344,8 +337,6 @@ def main(argv=None):
                 val = evaluate(wm, ds, val_starts, args.batch_size, args.val_batches, device)
                 record.update({"loss/val": val["loss"], "loss/val_recon": val["recon"], "loss/val_kl": val["kl"],
                                "loss/val_reward": val["reward"], "eval/psnr": val["psnr"]})
-                if "state_acc" in val:
-                    record["eval/state_acc"] = val["state_acc"]
                 score = val["loss"]
                 save_reconstructions(wm, ds, val_starts, out_dir / f"reconstruction_epoch_{epoch + 1:03d}.png", device)
             else:  # no validation episodes: score on training windows (a resumed epoch may have run no batch here)

@@ -217,37 +217,6 @@ def test_tile_codebook_is_exact_on_cartridge_frames_and_nearest_outside(data_dir
         TileCodebook(8, (144, 160)).tokenize(frames)
 
 
-def test_state_head_learns_the_ram_position_from_the_recurrent_state_alone(data_dir):
-    from dataset import PokemonDataset, frames_to_float
-    from models import GAME_STATE_KEYS
-
-    torch.manual_seed(0)
-    ds = PokemonDataset(data_dir, seq_len=6)
-    batch = ds.get_batch(np.arange(0, 48, 6))
-    frames = frames_to_float(batch["obs"], "cpu")
-    args = frames, batch["actions"], batch["rewards"], batch["continues"]
-    game = {k: batch[k] for k in GAME_STATE_KEYS}
-    wm = WorldModel(RSSMConfig.from_preset("tiny", state_scale=1.0))
-    assert wm.loss_weights["state"] == 1.0 and "state" not in WorldModel(RSSMConfig.from_preset("tiny")).loss_weights
-    with pytest.raises(ValueError, match="learns the game state"):
-        wm(*args)
-    _, losses, _, states = wm(*args, game=game)
-    losses["state"].backward()  # reads h only: its gradient reaches the recurrent path, never the decoder
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in wm.rssm.parameters())
-    assert all(p.grad is None for p in wm.decoder.parameters())
-    # h_t for t >= 1 against the RAM at t; h_0 has seen nothing and is not scored
-    logits = wm.state_logits(states["h"][:, 1:])
-    target = torch.stack([batch[k] for k in GAME_STATE_KEYS], -1)[:, 1:]
-    torch.testing.assert_close(losses["state"], torch.nn.functional.cross_entropy(logits.flatten(0, -2), target.flatten()))
-    optimizer = torch.optim.Adam(wm.parameters(), lr=3e-3)
-    first = losses["state"].item()
-    for _ in range(40):
-        total = wm(*args, game=game)[0]
-        optimizer.zero_grad(), total.backward(), optimizer.step()
-    _, losses, metrics, _ = wm(*args, game=game)
-    assert losses["state"].item() < 0.5 * first and 0 <= metrics["state_acc"] <= 1
-
-
 def test_tiles_model_learns_and_its_codebook_survives_a_checkpoint(data_dir, tmp_path):
     from dataset import PokemonDataset, frames_to_float
 
