@@ -14,7 +14,9 @@ Iteration i:
                  (OUT/policies/policy_iter_NNN.pt; OUT/policy.pt is always the latest)
     evaluate     the policy zero-shot on start states not used in training, by default where the
                  scripted explorer stands after --eval-start-walk actions (the random policy and the
-                 explorer once per evaluation setting); a record in metrics.jsonl and progress.png
+                 explorer once per evaluation setting); a record in metrics.jsonl and progress.png;
+                 OUT/best_policy.pt is the policy with the most unique tiles so far (chosen on these
+                 starts: confirm it on others, train_policy.py --eval-only --seed S)
 """
 from __future__ import annotations
 
@@ -291,6 +293,12 @@ class Loop:
                   "collect/mean_unique_tiles": self.state.get("collect_stats", {}).get("mean_unique_tiles"),
                   "first_badge_env_step": self.state["first_badge_env_step"]}
         self.log.record(record, epoch_end=False)
+        best = self.state.get("best")  # the loop is unsteady: keep the policy that evaluated best (per setting)
+        tiles = record["eval/agent/unique_tiles"]
+        if best is None or best.get("settings") != settings or tiles > best["unique_tiles"]:
+            artifacts.copy_file(self.policy_path(it), self.out / "best_policy.pt")
+            self.state["best"] = {"iteration": it, "unique_tiles": tiles, "settings": settings}
+            self.save_state()
         records = [json.loads(line) for line in (self.out / "metrics.jsonl").read_text().splitlines()
                    if '"iteration"' in line and '"env_steps"' in line]
         agent_lib.plot_progress(records, self.out / "progress.png")

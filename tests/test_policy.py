@@ -258,5 +258,7 @@ def test_dreamer_one_iteration(collected_data, cartridge_rom, tiny_world_model, 
                                                                  chunk["episode_starts"]) if s}
     assert first not in title
     assert any("novelty_fit/bce" in r for r in records)  # --reward novelty: the head refitted this iteration
-    for name in ("policy.pt", "progress.png", "progress.md", "policies/policy_iter_000.pt", "world_model/checkpoint_latest.pt"):
+    assert state["best"]["iteration"] == 0 and state["best"]["unique_tiles"] == progress[-1]["eval/agent/unique_tiles"]
+    for name in ("policy.pt", "best_policy.pt", "progress.png", "progress.md", "policies/policy_iter_000.pt",
+                 "world_model/checkpoint_latest.pt"):
         assert (out / name).exists(), name
