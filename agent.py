@@ -582,7 +582,7 @@ def evaluate(agent: PolicyAgent | None, *, rom, policies=("agent", "random", "ex
     """Zero-shot evaluation in the emulator at the encoder's resolution, several start states not
     used in training, side by side with the random policy and the scripted explorer. With start_walk
     N > 0 each start state is where the scripted explorer (seeded [seed, i]) stands after N actions
-    from the i-th of them (planner.walk_start_states): episodes that begin on different tiles and maps.
+    from the i-th of them (explorer.walk_start_states): episodes that begin on different tiles and maps.
     Returns {policy: {"episodes": [...], "mean": {...}}}; writes an mp4 of the agent's first episode."""
     from env import PokemonEnv
 
@@ -592,7 +592,7 @@ def evaluate(agent: PolicyAgent | None, *, rom, policies=("agent", "random", "ex
     results = {}
     try:
         if start_walk > 0:
-            from planner import walk_start_states
+            from explorer import walk_start_states
 
             env.start_states = walk_start_states(env, start_state_count, start_walk, seed)
         for policy in policies:

@@ -10,7 +10,10 @@ walk straight to the frontier.
 """
 from collections import Counter, deque
 
+import numpy as np
+
 from env import ACTIONS
+from save_states import save_state_bytes
 
 DOWN, LEFT, RIGHT, UP, A, B, START, PASS = range(len(ACTIONS))
 MOVES = (DOWN, LEFT, RIGHT, UP)
@@ -139,3 +142,20 @@ class ExplorePolicy:
             return int(self.rng.choice(MOVES))
         move, self.expected = self.plan.popleft()
         return move
+
+
+def walk_start_states(env, count: int, steps: int, seed: int = 0) -> list:
+    """`count` save states reached by the scripted explorer walking `steps` actions (and on, up to
+    200 more, until no battle or text box is open) from the env's start states in turn: episodes
+    (goals, evaluation, collection) that begin all over the world, not only on the game's first tile."""
+    states = []
+    for i in range(count):
+        policy = ExplorePolicy(np.random.default_rng([seed, i]))
+        obs, info = env.reset(options={"state_index": i % len(env.start_states)})
+        for t in range(steps + 200):
+            state = info["state"]
+            if t >= steps and not state.in_battle and not state.dialog_open:
+                break
+            obs, _, _, _, info = env.step(policy.act(obs, state))
+        states.append(save_state_bytes(env.pyboy))
+    return states

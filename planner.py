@@ -17,9 +17,7 @@ import numpy as np
 import torch
 
 from dataset import frames_to_float
-from explorer import ExplorePolicy
 from models import VAE, LatentDynamics, RamProbe
-from save_states import save_state_bytes
 
 DOWN, LEFT, RIGHT, UP, A, B, START, PASS = range(8)  # env.ACTIONS order
 MOVES = (DOWN, LEFT, RIGHT, UP)
@@ -339,23 +337,6 @@ def sample_goal(env, state_index: int, rng: np.random.Generator, radius: int = 1
         return None
     x, y = sorted(tiles)[int(rng.integers(len(tiles)))]
     return Goal(start.map_id, x, y)
-
-
-def walk_start_states(env, count: int, steps: int, seed: int = 0) -> list:
-    """`count` save states reached by the scripted explorer walking `steps` actions (and on, up to
-    200 more, until no battle or text box is open) from the env's start states in turn: goal
-    episodes that begin all over the world, not only on the game's first tile."""
-    states = []
-    for i in range(count):
-        policy = ExplorePolicy(np.random.default_rng([seed, i]))
-        obs, info = env.reset(options={"state_index": i % len(env.start_states)})
-        for t in range(steps + 200):
-            state = info["state"]
-            if t >= steps and not state.in_battle and not state.dialog_open:
-                break
-            obs, _, _, _, info = env.step(policy.act(obs, state))
-        states.append(save_state_bytes(env.pyboy))
-    return states
 
 
 def run_goal_episode(env, state_index: int, goal: Goal, policy, max_steps: int = 60, on_step=None) -> dict:

@@ -38,9 +38,8 @@ import checkpoint
 from dataset import ChunkBuffer, PokemonDataset, chunk_name, chunk_number, list_chunks
 from env import DEFAULT_ROM, PokemonEnv, identify_rom, parse_resolution
 from errors import UserError, cli
-from explorer import ExplorePolicy
+from explorer import ExplorePolicy, walk_start_states
 from models import RSSM_PRESETS
-from planner import walk_start_states
 
 REPO = Path(__file__).resolve().parents[1]
 PHASES = ("collect", "world_model", "policy", "evaluate")

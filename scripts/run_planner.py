@@ -26,8 +26,9 @@ from artifacts import write_json, write_text
 from env import DEFAULT_ROM, PokemonEnv
 from checkpoint import resolve_device
 from errors import UserError, cli
+from explorer import walk_start_states
 from latents import LatentMemory, load_network
-from planner import GreedyPolicy, LatentPlanner, PlannerPolicy, RandomPolicy, run_goal_episode, sample_goal, walk_start_states
+from planner import GreedyPolicy, LatentPlanner, PlannerPolicy, RandomPolicy, run_goal_episode, sample_goal
 
 DESCRIPTIONS = {
     "mpc": "world model + macro MPC (original)",

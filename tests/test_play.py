@@ -23,10 +23,6 @@ HUD = 3 * 18 + 6  # the HUD bar's height in pixels (play_dream.HUD_LINE * HUD_LI
 N = len(WALK)
 
 
-def load_play_dream():
-    return load_script("play_dream")
-
-
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = ((a.astype(np.float64) - b.astype(np.float64)) ** 2).mean() / 255 ** 2
     return float(-10 * np.log10(mse))
@@ -131,7 +127,7 @@ def test_the_hud_shows_the_probe_guess_or_says_there_is_none(session, world_mode
     assert all(g.startswith("probe: ") and " x" in g and " y" in g and "none" not in g for g in guesses)
     probe = checkpoint.build_model(checkpoint.load_checkpoint(world_model[1], kind="rssm_probe"))
     assert isinstance(probe, StateProbe)
-    play_dream = load_play_dream()
+    play_dream = load_script("play_dream")
     wm = checkpoint.build_model(checkpoint.load_checkpoint(world_model[0], kind="rssm"))
     env = PokemonEnv(rom=cartridge_rom, save_states=[start_state_file])
     try:
@@ -142,7 +138,7 @@ def test_the_hud_shows_the_probe_guess_or_says_there_is_none(session, world_mode
 
 
 def test_bad_keys_and_a_probe_of_another_model_are_refused(world_model, tmp_path, capsys):
-    play_dream = load_play_dream()
+    play_dream = load_script("play_dream")
     with pytest.raises(SystemExit) as exit_info:
         play_dream.main(["--checkpoint", str(world_model[0]), "--keys", "right,jump"])
     assert exit_info.value.code == 2 and "unknown key name(s) jump" in capsys.readouterr().err
