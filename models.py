@@ -376,6 +376,10 @@ class RSSMConfig:
     kl_dyn: float = 0.5  # weight of KL(sg(post) || prior): trains the prior
     kl_rep: float = 0.1  # weight of KL(post || sg(prior)): regularises the posterior
     free_nats: float = 1.0  # each step's KL (summed over latents) is clipped below at this value
+    # latent overshooting: the prior is also rolled open loop up to this many steps from every posterior
+    # state of a window, and each k-step prior is pulled to the posterior k frames later (0: off)
+    overshoot: int = 0
+    overshoot_scale: float = 0.5  # weight of the overshooting KL (clipped at free_nats, like kl_dyn)
     reward_scale: float = 1.0
     continue_scale: float = 1.0
     grad_clip: float = 1000.0  # max global grad norm
@@ -427,6 +431,8 @@ class RSSMConfig:
                 raise ValueError(f"RSSMConfig.{key}={getattr(self, key)!r}; allowed: {', '.join(allowed)}")
         if len(self.conv_channels) != len(self.conv_strides):
             raise ValueError("RSSMConfig.conv_channels and conv_strides must have the same length")
+        if self.overshoot < 0 or self.overshoot_scale < 0:
+            raise ValueError("RSSMConfig.overshoot and overshoot_scale must be >= 0")
         factor = math.prod(self.conv_strides)
         height, width = self.image_size
         if height % factor or width % factor:
@@ -852,6 +858,8 @@ class WorldModel(nn.Module):
             "recon": cfg.recon_scale, "kl_dyn": cfg.kl_scale * cfg.kl_dyn, "kl_rep": cfg.kl_scale * cfg.kl_rep,
             "reward": cfg.reward_scale, "cont": cfg.continue_scale,
         }
+        if cfg.overshoot > 0:
+            self.loss_weights["overshoot"] = cfg.kl_scale * cfg.overshoot_scale
         if cfg.channels_last:
             self.encoder.to(memory_format=torch.channels_last)
             self.decoder.to(memory_format=torch.channels_last)
@@ -930,6 +938,8 @@ class WorldModel(nn.Module):
             "recon": recon, "kl_dyn": dyn.mean(), "kl_rep": rep.mean(),
             "reward": reward_loss, "cont": cont_loss,
         }
+        if cfg.overshoot > 0:
+            losses["overshoot"] = self.overshoot_loss(states, actions)
         assert losses.keys() == self.loss_weights.keys(), (losses.keys(), self.loss_weights.keys())
         total = sum(self.loss_weights[k] * v for k, v in losses.items())
         with torch.no_grad():
@@ -943,6 +953,31 @@ class WorldModel(nn.Module):
             }
         return total, losses, metrics, states
 
+
+    def overshoot_loss(self, states: dict, actions: torch.Tensor) -> torch.Tensor:
+        """Latent overshooting: from every posterior state t of each window, roll the prior alone for
+        k = 1..cfg.overshoot steps with the logged actions (sampled latents, straight-through) and take
+        max(free_nats, KL(sg(posterior_{t+k}) || prior_k)), averaged over every (t, k) inside the window.
+        What open-loop imagination needs and the one-step KL never asks for: the prior's own samples
+        fed back, k steps deep. states: observe()'s output; actions (B, T)."""
+        cfg = self.cfg
+        batch, steps = actions.shape
+        starts = steps - 1
+        h = states["h"][:, :-1].reshape(batch * starts, -1)
+        z = states["z"][:, :-1].reshape(batch * starts, -1)
+        target = states["post_logp"].detach()  # (B, T, stoch, classes)
+        t0 = torch.arange(starts, device=actions.device)
+        total, count = 0.0, 0
+        for k in range(1, min(cfg.overshoot, starts) + 1):
+            valid = t0 + k <= starts  # start t reaches frame t + k inside the window
+            index = (t0 + k - 1).clamp(max=starts - 1)
+            act = actions[:, index].reshape(-1)
+            h, z, prior = self.rssm.img_step(h, z, act, sample=self.training)
+            goal = target[:, (t0 + k).clamp(max=starts)].reshape(batch * starts, cfg.stoch, cfg.classes)
+            kl = categorical_kl(goal, prior).clamp(min=cfg.free_nats).view(batch, starts)
+            total = total + (kl * valid).sum()
+            count += int(valid.sum()) * batch
+        return total / count
 
 class Actor(nn.Module):
     """Policy on [h, s] (+ `extra_inputs` more, e.g. what the last step changed): 2 hidden layers -> action

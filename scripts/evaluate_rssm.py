@@ -39,9 +39,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of the episode split and the probe")
     p.add_argument("--horizon", type=int, default=50, help="K: imagined steps to score")
     p.add_argument("--context", type=int, default=1, help="real frames observed before imagining")
-    p.add_argument("--max-sequences", type=int, default=32, help="validation windows to imagine from")
-    p.add_argument("--probe-windows", type=int, default=128, help="training windows whose frames train the probe")
-    p.add_argument("--probe-steps", type=int, default=400, help="Adam steps of probe training")
+    p.add_argument("--max-sequences", type=int, default=256, help="validation windows to imagine from")
+    p.add_argument("--probe-windows", type=int, default=1024, help="training windows whose frames train the probe")
+    p.add_argument("--probe-steps", type=int, default=3000, help="Adam steps of probe training")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     p.add_argument("--out-dir", default="outputs/eval_rssm", help="where results.json/.md and drift.png go")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run")
@@ -219,7 +219,8 @@ def main(argv=None):
         for k in sorted({min(29, args.horizon), args.horizon}):
             print(f"{label}: step {k}: tile error {steps[k - 1]['tile_error']:.2f}, map acc "
                   f"{steps[k - 1]['map_acc']:.3f}, PSNR {steps[k - 1]['psnr']:.2f} dB", flush=True)
-        print(f"{label}: posterior reconstruction PSNR {results[label]['recon_psnr']:.2f} dB", flush=True)
+        print(f"{label}: posterior reconstruction PSNR {results[label]['recon_psnr']:.2f} dB, probe tile error on the "
+              f"posterior {results[label]['posterior_tile_error']:.2f}", flush=True)
     out = Path(args.out_dir)
     artifacts.write_json(out / "results.json", {"data_dir": str(args.data_dir), "horizon": args.horizon,
                                                 "context": args.context, "results": results})

@@ -90,6 +90,36 @@ def test_kl_balancing_equals_a_plain_loop():
     assert prior_logits.grad is None and post_logits.grad.abs().sum() > 0
 
 
+def test_overshooting_equals_a_plain_loop_over_starts_and_steps():
+    torch.manual_seed(0)
+    wm = WorldModel(RSSMConfig.from_preset("tiny", overshoot=3, free_nats=0.5)).eval()
+    frames, actions = torch.rand(2, 6, 3, 144, 160), torch.randint(0, 8, (2, 6))
+    with torch.no_grad():
+        states = wm.rssm.observe(wm.embed(frames), actions)
+        loss = wm.overshoot_loss(states, actions)
+        terms = []
+        for b in range(2):
+            for t in range(5):
+                h, z = states["h"][b:b + 1, t], states["z"][b:b + 1, t]
+                for k in range(1, 4):
+                    if t + k > 5:
+                        break
+                    h, z, prior = wm.rssm.img_step(h, z, actions[b:b + 1, t + k - 1], sample=False)
+                    post = states["post_logp"][b:b + 1, t + k]
+                    terms.append(max(0.5, (post.exp() * (post - prior)).sum().item()))
+    assert len(terms) == 2 * (5 + 4 + 3)
+    assert loss.item() == pytest.approx(sum(terms) / len(terms), rel=1e-5)
+    # in training it is a weighted loss term and trains the prior and the recurrent cell
+    wm.train()
+    total, losses, _, _ = wm(frames, actions, torch.zeros(2, 6), torch.ones(2, 6))
+    assert "overshoot" in losses and losses.keys() == wm.loss_weights.keys()
+    losses["overshoot"].backward()
+    assert wm.rssm.prior_net[0].weight.grad.abs().sum() > 0 and any(
+        p.grad is not None and p.grad.abs().sum() > 0 for p in wm.rssm.cell.parameters())
+    with pytest.raises(ValueError, match="overshoot"):
+        RSSMConfig.from_preset("tiny", overshoot=-1)
+
+
 def test_free_bits_clip_each_step_below_but_not_above():
     torch.manual_seed(0)
     logits = torch.randn(3, 2, 4, requires_grad=True)
