@@ -378,7 +378,7 @@ class RSSMConfig:
     free_nats: float = 1.0  # each step's KL (summed over latents) is clipped below at this value
     # latent overshooting: the prior is also rolled open loop up to this many steps from every posterior
     # state of a window, and each k-step prior is pulled to the posterior k frames later (0: off)
-    overshoot: int = 0
+    overshoot: int = 0  # the default preset uses 5
     overshoot_scale: float = 0.5  # weight of the overshooting KL (clipped at free_nats, like kl_dyn)
     reward_scale: float = 1.0
     continue_scale: float = 1.0
@@ -456,7 +456,9 @@ _RSSM_PRESET_FIELDS = {
     # tile tokens (tiles.py): an embedding per 8x8 tile, one stride-2 conv to 9x10; the decoder predicts each
     # of the 18x20 cells' tile id out of a 512-entry codebook fitted to the training frames. Cross-entropy on
     # tile ids trains fastest at lr 1e-3 (posterior PSNR 18.6 dB vs 14.8 at 3e-4 after 14 minutes).
-    "default": dict(frame_model="tiles", conv_channels=(64, 128), conv_strides=(8, 2), lr=1e-3),
+    # Latent overshooting up to 5 steps (session 7: in 20 minutes, tile error 4.18 / 5.72 at imagined steps 29 / 50
+    # against 5.17 / 6.39 without, and the same reconstruction).
+    "default": dict(frame_model="tiles", conv_channels=(64, 128), conv_strides=(8, 2), lr=1e-3, overshoot=5),
     # The same RSSM and heads on RGB pixels (MSE): a stride-4 patch conv then two stride-2 convs down to
     # 9x10, the mirror decoder. For frames that are not native Game Boy frames (downscaled, colour).
     "pixels": dict(),
