@@ -955,31 +955,27 @@ class WorldModel(nn.Module):
             }
         return total, losses, metrics, states
 
-
     def overshoot_loss(self, states: dict, actions: torch.Tensor) -> torch.Tensor:
         """Latent overshooting: from every posterior state t of each window, roll the prior alone for
         k = 1..cfg.overshoot steps with the logged actions (sampled latents, straight-through) and take
         max(free_nats, KL(sg(posterior_{t+k}) || prior_k)), averaged over every (t, k) inside the window.
         What open-loop imagination needs and the one-step KL never asks for: the prior's own samples
-        fed back, k steps deep. states: observe()'s output; actions (B, T)."""
+        fed back, k steps deep (gradients also reach the start states). states: observe()'s output;
+        actions (B, T)."""
         cfg = self.cfg
         batch, steps = actions.shape
-        starts = steps - 1
-        h = states["h"][:, :-1].reshape(batch * starts, -1)
-        z = states["z"][:, :-1].reshape(batch * starts, -1)
-        target = states["post_logp"].detach()  # (B, T, stoch, classes)
-        t0 = torch.arange(starts, device=actions.device)
-        total, count = 0.0, 0
-        for k in range(1, min(cfg.overshoot, starts) + 1):
-            valid = t0 + k <= starts  # start t reaches frame t + k inside the window
-            index = (t0 + k - 1).clamp(max=starts - 1)
-            act = actions[:, index].reshape(-1)
-            h, z, prior = self.rssm.img_step(h, z, act, sample=self.training)
-            goal = target[:, (t0 + k).clamp(max=starts)].reshape(batch * starts, cfg.stoch, cfg.classes)
-            kl = categorical_kl(goal, prior).clamp(min=cfg.free_nats).view(batch, starts)
-            total = total + (kl * valid).sum()
-            count += int(valid.sum()) * batch
-        return total / count
+        h, z = states["h"], states["z"]  # (B, T, .): row t is the rollout started at frame t
+        target = states["post_logp"].detach()
+        kls = []
+        for k in range(1, min(cfg.overshoot, steps - 1) + 1):
+            n = steps - k  # starts 0..n-1 reach frame t + k inside the window
+            h, z, prior = self.rssm.img_step(h[:, :n].reshape(batch * n, -1), z[:, :n].reshape(batch * n, -1),
+                                             actions[:, k - 1:k - 1 + n].reshape(-1), sample=self.training)
+            h, z = h.view(batch, n, -1), z.view(batch, n, -1)
+            goal = target[:, k:k + n].reshape(batch * n, cfg.stoch, cfg.classes)
+            kls.append(categorical_kl(goal, prior).clamp(min=cfg.free_nats))
+        return torch.cat(kls).mean()
+
 
 class Actor(nn.Module):
     """Policy on [h, s] (+ `extra_inputs` more, e.g. what the last step changed): 2 hidden layers -> action
