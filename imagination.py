@@ -44,10 +44,10 @@ def _rollout(wm: WorldModel, state, actions, sample: bool) -> dict:
             h, z, _ = wm.rssm.img_step(h, z, actions[:, t], sample=sample)
             hs.append(h), zs.append(z)
         out = {"h": torch.stack(hs, 1), "z": torch.stack(zs, 1)}  # (B, H, D), (B, H, S)
+        out["feat"] = features(out)
     else:
-        hs, zs = wm.rssm.greedy_rollout(h, z, actions)
-        out = {"h": hs, "z": zs}
-    out["feat"] = features(out)
+        feat = wm.rssm.greedy_rollout(h, z, actions)  # (B, H, D + S); h and z are views of it
+        out = {"h": feat[..., :wm.cfg.deter], "z": feat[..., wm.cfg.deter:], "feat": feat}
     return out
 
 

@@ -21,7 +21,8 @@ Measured, each in its own forked process (so its peak RSS is its own and one can
   decode_<preset>      decoded frames/s (imagination.decode); its config holds parameter counts and the
                        checkpoint size (what scripts/benchmark_rssm.py reported)
   --hot-paths adds: channels_last flipped, torch.compile (default preset), the other thread count (1 <-> 2)
-                       for the default preset; these are NOT interleaved: differences under ~20% are noise
+                       for the default preset, imagination with the default preset's GRU dense
+                       (gru_blocks 1, imagine_default_dense_gru); these are NOT interleaved: differences under ~20% are noise
                        on a shared machine.
 Ratios come from figures of the SAME run; absolute speeds depend on what else the machine runs.
 Training results also carry minor_page_faults_per_step (median; allocator behaviour, not speed).
@@ -256,12 +257,12 @@ def measure_collector(rom, state_file, steps, episode_length, save_interval, wor
 
 
 # --- world-model training -------------------------------------------------------------------
-def _world_model(torch, preset, image_size, channels_last=None, frames=None):
-    """A fresh model; a "tiles" model gets its codebook from `frames` (uint8 (N, H, W, 3)) or, without
-    native Game Boy frames, random tiles (enough to time it)."""
+def _world_model(torch, preset, image_size, channels_last=None, frames=None, overrides=None):
+    """A fresh model (`overrides`: RSSMConfig fields); a "tiles" model gets its codebook from `frames`
+    (uint8 (N, H, W, 3)) or, without native Game Boy frames, random tiles (enough to time it)."""
     from models import RSSMConfig, WorldModel
 
-    overrides = {"image_size": tuple(image_size)}
+    overrides = {**(overrides or {}), "image_size": tuple(image_size)}
     if channels_last is not None:
         overrides["channels_last"] = channels_last
     wm = WorldModel(RSSMConfig.from_preset(preset, **overrides))
@@ -447,14 +448,15 @@ def original_prior_step(torch):
     return OriginalPriorStep()
 
 
-def measure_imagination(preset, batch, horizon, repeats, threads, image_size, with_original=False) -> dict:
+def measure_imagination(preset, batch, horizon, repeats, threads, image_size, with_original=False,
+                        overrides=None) -> dict:
     """Best of `repeats` rollouts of `horizon` prior steps for `batch` starts -> latent steps/s.
     with_original: the original's step (`original_prior_step`) is timed in turns with ours."""
     import imagination
 
     torch = _torch(threads)
     actions = torch.randint(0, len(ACTIONS), (batch, horizon))
-    wm = _world_model(torch, preset, image_size).eval()  # the image size changes only the encoder/decoder
+    wm = _world_model(torch, preset, image_size, overrides=overrides).eval()  # image size: encoder/decoder only
     state = wm.rssm.initial(batch)
     rollouts = {"ours": lambda: imagination.imagine(wm, state, actions)}
     if with_original:
@@ -478,7 +480,8 @@ def measure_imagination(preset, batch, horizon, repeats, threads, image_size, wi
             best[name] = min(best[name], time.perf_counter() - began)
     result = {"value": batch * horizon / best["ours"], "unit": "latent steps/s", "baseline_rss_mb": baseline,
               "config": {"preset": preset, "batch": batch, "horizon": horizon, "repeats": repeats, "threads": threads,
-                         "decoding": False, "way": "imagination.imagine (inference mode)",
+                         "deter": wm.cfg.deter, "gru_blocks": wm.cfg.gru_blocks, "stoch": wm.cfg.stoch,
+                         "classes": wm.cfg.classes, "decoding": False, "way": "imagination.imagine (inference mode)",
                          "interleaved_with": ["original"] if with_original else []}}
     if with_original:
         result["original"] = batch * horizon / best["original"]
@@ -586,6 +589,8 @@ def run(args) -> dict:
                     record(f"train_{preset}_{other}_threads", measure_training, preset=preset, steps=steps,
                            **dict(train, threads=other))
             if "default" in args.presets:
+                record("imagine_default_dense_gru", measure_imagination, preset="default",
+                       overrides={"gru_blocks": 1}, **imag)
                 try:
                     record("train_default_compiled", measure_training, preset="default",
                            steps=s["train_steps"]["default"] + 2, compile_model=True, **train)
@@ -611,9 +616,12 @@ def run(args) -> dict:
             if "faithful" in args.presets:
                 ratios[f"train_{preset}_vs_faithful"] = ratio(results[f"train_{preset}"], results["train_faithful"],
                                                               10.0 if preset == "default" else None)
+    if "imagine_default_dense_gru" in results:
+        ratios["imagine_default_vs_dense_gru"] = ratio(results["imagine_default"], results["imagine_default_dense_gru"],
+                                                       None, "the preset's block GRU / the same model with a dense GRU")
     best = "default" if "default" in args.presets else args.presets[0]
     imagined = results[f"imagine_{best}"]
-    ratios["imagined_per_emulator_step"] = ratio(imagined, results["env_steps"], None,
+    ratios["imagined_per_emulator_step"] = ratio(imagined, results["env_steps"], 200.0,
                                                  f"imagine_{best} / env_steps (both per process)")
     ratios["imagined_per_emulator_step_per_core"] = {
         "value": ratios["imagined_per_emulator_step"]["value"] / threads,

@@ -5,7 +5,7 @@ import math
 import subprocess
 import sys
 
-from conftest import run_script
+from conftest import load_script, run_script
 
 MEASUREMENTS = ("env_steps", "collect_original", "collect_1_worker", "collect_2_workers", "train_faithful",
                 "train_default", "train_faithful_original", "imagine_faithful", "imagine_default", "imagine_original",
@@ -42,12 +42,22 @@ def test_quick_benchmark_reports_every_field(tmp_path, cartridge_rom):
     assert report["config"]["quick"] and report["config"]["torch"]
     assert report["results"]["train_faithful"]["config"]["allocator"] == "keep_freed_memory"
     assert report["results"]["train_faithful_original"]["config"]["allocator"] == "default"
+    assert report["ratios"]["imagined_per_emulator_step"]["target"] == 200.0
+    assert report["results"]["imagine_default"]["config"]["gru_blocks"] == 8
     for name in ("train_faithful", "train_faithful_original", "train_default"):
         assert report["results"][name]["minor_page_faults_per_step"] >= 0, name
     finite_numbers(report, "report")
     for name in MEASUREMENTS + RATIOS:  # the printed table names every figure
         assert name in done.stdout, name
     assert not list(out.parent.glob(".*")), "a temporary file was left beside the output"
+
+
+def test_imagination_measures_the_model_it_is_given():
+    """--hot-paths' dense-GRU variant of the default preset is the same measurement with one field changed."""
+    measure = load_script("benchmark").measure_imagination
+    dense = measure(preset="default", batch=4, horizon=2, repeats=1, threads=1, image_size=(144, 160),
+                    overrides={"gru_blocks": 1})
+    assert dense["config"]["gru_blocks"] == 1 and dense["config"]["preset"] == "default" and dense["value"] > 0
 
 
 def test_bad_flags_exit_2(tmp_path):

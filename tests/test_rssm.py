@@ -16,7 +16,7 @@ import checkpoint
 import imagination
 from conftest import REPO, load_script, run_script
 from errors import UserError
-from models import RSSM, RSSMConfig, WorldModel, kl_losses, twohot_bins, twohot_decode, twohot_encode
+from models import RSSM, NormGRUCell, RSSMConfig, WorldModel, kl_losses, twohot_bins, twohot_decode, twohot_encode
 
 TINY_TRAIN = ["--preset", "tiny", "--threads", "1", "--batch-size", "4", "--seq-len", "8", "--log-every", "1"]
 
@@ -63,8 +63,39 @@ def test_config_rejects_unknown_fields_and_wrong_types():
         RSSMConfig.from_dict({"deter": "big"})
     with pytest.raises(ValueError, match="divisible"):
         RSSMConfig.from_preset("default", image_size=(100, 100))
+    with pytest.raises(ValueError, match="gru_blocks"):
+        RSSMConfig.from_preset("default", gru_blocks=3)  # does not divide 256
+    with pytest.raises(ValueError, match="gru_blocks"):
+        RSSMConfig.from_preset("faithful", gru_blocks=2)  # nn.GRUCell has no blocks
     cfg = RSSMConfig.from_preset("tiny")
     assert RSSMConfig.from_dict(cfg.to_dict()) == cfg
+    # a checkpoint written before gru_blocks existed rebuilds its dense GRU
+    old = {k: v for k, v in RSSMConfig.from_preset("default").to_dict().items() if k != "gru_blocks"}
+    assert RSSMConfig.from_dict(old).gru_blocks == 1
+
+
+def test_block_gru_equals_a_dense_gru_with_a_block_diagonal_weight():
+    torch.manual_seed(0)
+    inp, size, blocks = 16, 24, 4
+    cell = NormGRUCell(inp, size, blocks=blocks)
+    dense = NormGRUCell(inp, size)
+    kx, kh = inp // blocks, size // blocks
+    with torch.no_grad():  # the dense gate (q, block g, j) reads only block g's slices of x and h
+        weight = torch.zeros(3, blocks, kh, inp + size)
+        for g in range(blocks):
+            block = cell.block_weight[g].t().reshape(3, kh, kx + kh)  # rows (gate, j), columns [x_g, h_g]
+            weight[:, g, :, g * kx:(g + 1) * kx] = block[..., :kx]
+            weight[:, g, :, inp + g * kh:inp + (g + 1) * kh] = block[..., kx:]
+        dense.linear.weight.copy_(weight.reshape(3 * size, inp + size))
+    x, h = torch.randn(5, 3, inp), torch.randn(5, 3, size)
+    torch.testing.assert_close(cell(x, h), dense(x, h), rtol=1e-5, atol=1e-6)
+    # block 0's gates (before the LayerNorm, which spans all blocks) do not read another block's slice of h
+    x, h = x.flatten(0, 1), h.flatten(0, 1)
+    h2 = h.clone()
+    h2[:, kh:] += 1.0
+    first = lambda gates: gates.view(-1, blocks, 3, kh)[:, 0]  # noqa: E731
+    torch.testing.assert_close(first(cell.gates(x, h)), first(cell.gates(x, h2)), rtol=0, atol=0)
+    assert not torch.equal(cell.gates(x, h), cell.gates(x, h2))
 
 
 def test_kl_balancing_equals_a_plain_loop():
@@ -194,10 +225,13 @@ def test_imagination_rolls_the_prior_and_decodes():
     assert any(p.grad is not None for p in actor.parameters())
 
 
-@pytest.mark.parametrize("preset", ["default", "pixels", "faithful", "tiny"])
-def test_greedy_rollout_equals_the_plain_prior_loop(preset):
+@pytest.mark.parametrize("preset, blocks, tie", [("default", 8, False), ("default", 1, False), ("default", 8, True),
+                                                 ("pixels", 1, False), ("faithful", None, False), ("tiny", 1, False)])
+def test_greedy_rollout_equals_the_plain_prior_loop(preset, blocks, tie):
     torch.manual_seed(0)
-    wm = WorldModel(RSSMConfig.from_preset(preset)).eval()
+    wm = WorldModel(RSSMConfig.from_preset(preset, **({} if blocks is None else {"gru_blocks": blocks}))).eval()
+    if tie:  # every class of every latent ties: the most likely is the first, as argmax says
+        torch.nn.init.zeros_(wm.rssm.prior_net[-1].weight), torch.nn.init.zeros_(wm.rssm.prior_net[-1].bias)
     h, z = torch.randn(5, wm.cfg.deter), torch.rand(5, wm.cfg.stoch * wm.cfg.classes)  # a soft start z
     actions = torch.randint(0, 8, (5, 7))
     fast = imagination.imagine(wm, (h, z), actions)
