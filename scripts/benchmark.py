@@ -58,7 +58,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # sizes: the full run, and --quick (tiny sizes so that the whole run takes < 2 minutes)
 FULL = dict(emu_steps=2000, episode_length=1000, save_interval=1000, resolution="144x160", batch_size=8, seq_len=15,
-            train_steps={"faithful": 2, "default": 4, "pixels": 4}, imagine_batch=1024, horizon=15, repeats=3, decode_frames=32)
+            train_steps={"faithful": 2, "default": 4, "pixels": 4}, imagine_batch=1024, horizon=15, repeats=10, decode_frames=32)
 QUICK = dict(emu_steps=80, episode_length=40, save_interval=40, resolution="32x32", batch_size=2, seq_len=4,
              train_steps={"faithful": 1, "default": 1, "pixels": 1}, imagine_batch=64, horizon=4, repeats=1, decode_frames=4)
 
