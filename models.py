@@ -467,7 +467,7 @@ _RSSM_PRESET_FIELDS = {
     # Latent overshooting up to 5 steps (session 7: in 20 minutes, tile error 4.18 / 5.72 at imagined steps 29 / 50
     # against 5.17 / 6.39 without, and the same reconstruction). A block-diagonal GRU in 8 blocks (session 8: at
     # equal updates, tile error 5.92 / 7.34 at steps 29 / 50 against 6.70 / 8.55 dense, the same reconstruction;
-    # the GRU layer has 1/8 of the FLOPs, imagination 1.2-1.6x faster measured alone, not in the full benchmark).
+    # the GRU layer has 1/8 of the FLOPs; imagination 1.60x as fast, timed in turns in benchmark.py --hot-paths).
     "default": dict(frame_model="tiles", conv_channels=(64, 128), conv_strides=(8, 2), lr=1e-3, overshoot=5,
                     gru_blocks=8),
     # The same RSSM and heads on RGB pixels (MSE): a stride-4 patch conv then two stride-2 convs down to

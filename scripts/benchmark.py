@@ -21,8 +21,9 @@ Measured, each in its own forked process (so its peak RSS is its own and one can
   decode_<preset>      decoded frames/s (imagination.decode); its config holds parameter counts and the
                        checkpoint size (what scripts/benchmark_rssm.py reported)
   --hot-paths adds: channels_last flipped, torch.compile (default preset), the other thread count (1 <-> 2)
-                       for the default preset, imagination with the default preset's GRU dense
-                       (gru_blocks 1, imagine_default_dense_gru); these are NOT interleaved: differences under ~20% are noise
+                       for the default preset (these are NOT interleaved), and imagination with the default
+                       preset's GRU dense (gru_blocks 1, imagine_default_dense_gru, interleaved with
+                       imagine_default); differences under ~20% in what is not interleaved are noise
                        on a shared machine.
 Ratios come from figures of the SAME run; absolute speeds depend on what else the machine runs.
 Training results also carry minor_page_faults_per_step (median; allocator behaviour, not speed).
@@ -449,9 +450,10 @@ def original_prior_step(torch):
 
 
 def measure_imagination(preset, batch, horizon, repeats, threads, image_size, with_original=False,
-                        overrides=None) -> dict:
+                        overrides=None, variant=None) -> dict:
     """Best of `repeats` rollouts of `horizon` prior steps for `batch` starts -> latent steps/s.
-    with_original: the original's step (`original_prior_step`) is timed in turns with ours."""
+    with_original: the original's step (`original_prior_step`) is timed in turns with ours; variant (RSSMConfig
+    fields): so is the same preset with those fields changed (result key "variant")."""
     import imagination
 
     torch = _torch(threads)
@@ -469,6 +471,9 @@ def measure_imagination(preset, batch, horizon, repeats, threads, image_size, wi
                 h, z = step(h, z, actions[:, t])
 
         rollouts["original"] = original
+    if variant:
+        other = _world_model(torch, preset, image_size, overrides={**(overrides or {}), **variant}).eval()
+        rollouts["variant"] = lambda: imagination.imagine(other, state, actions)
     for rollout in rollouts.values():
         rollout()  # warm-up
     baseline = _rss_mb()
@@ -482,9 +487,10 @@ def measure_imagination(preset, batch, horizon, repeats, threads, image_size, wi
               "config": {"preset": preset, "batch": batch, "horizon": horizon, "repeats": repeats, "threads": threads,
                          "deter": wm.cfg.deter, "gru_blocks": wm.cfg.gru_blocks, "stoch": wm.cfg.stoch,
                          "classes": wm.cfg.classes, "decoding": False, "way": "imagination.imagine (inference mode)",
-                         "interleaved_with": ["original"] if with_original else []}}
-    if with_original:
-        result["original"] = batch * horizon / best["original"]
+                         "interleaved_with": [name for name in rollouts if name != "ours"]}}
+    for name in rollouts:
+        if name != "ours":
+            result[name] = batch * horizon / best[name]
     return result
 
 
@@ -570,11 +576,16 @@ def run(args) -> dict:
         imag = dict(batch=s["imagine_batch"], horizon=s["horizon"], repeats=s["repeats"], threads=threads,
                     image_size=image_size)
         for index, preset in enumerate(args.presets):
-            record(f"imagine_{preset}", measure_imagination, preset=preset, with_original=index == 0, **imag)
+            dense = {"gru_blocks": 1} if args.hot_paths and preset == "default" else None
+            record(f"imagine_{preset}", measure_imagination, preset=preset, with_original=index == 0, variant=dense,
+                   **imag)
             if index == 0:
                 results["imagine_original"] = paired(
                     results[f"imagine_{preset}"], "original",
                     "original: plain GRUCell + ELU MLP at the faithful sizes, autograd on")
+            if dense:
+                results["imagine_default_dense_gru"] = paired(results["imagine_default"], "variant",
+                                                              "the default preset with a dense GRU", gru_blocks=1)
         for preset in args.presets:
             record(f"decode_{preset}", measure_decoding, preset=preset, frames=s["decode_frames"], threads=threads,
                    image_size=image_size)
@@ -589,8 +600,6 @@ def run(args) -> dict:
                     record(f"train_{preset}_{other}_threads", measure_training, preset=preset, steps=steps,
                            **dict(train, threads=other))
             if "default" in args.presets:
-                record("imagine_default_dense_gru", measure_imagination, preset="default",
-                       overrides={"gru_blocks": 1}, **imag)
                 try:
                     record("train_default_compiled", measure_training, preset="default",
                            steps=s["train_steps"]["default"] + 2, compile_model=True, **train)

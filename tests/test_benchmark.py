@@ -52,12 +52,18 @@ def test_quick_benchmark_reports_every_field(tmp_path, cartridge_rom):
     assert not list(out.parent.glob(".*")), "a temporary file was left beside the output"
 
 
-def test_imagination_measures_the_model_it_is_given():
-    """--hot-paths' dense-GRU variant of the default preset is the same measurement with one field changed."""
-    measure = load_script("benchmark").measure_imagination
-    dense = measure(preset="default", batch=4, horizon=2, repeats=1, threads=1, image_size=(144, 160),
-                    overrides={"gru_blocks": 1})
+def test_imagination_measures_the_model_it_is_given_and_a_variant_in_turns():
+    """--hot-paths' dense-GRU variant of the default preset: the same measurement with one field changed,
+    timed in turns with the preset's own rollouts."""
+    benchmark = load_script("benchmark")
+    size = dict(preset="default", batch=4, horizon=2, repeats=1, threads=1, image_size=(144, 160))
+    dense = benchmark.measure_imagination(overrides={"gru_blocks": 1}, **size)
     assert dense["config"]["gru_blocks"] == 1 and dense["config"]["preset"] == "default" and dense["value"] > 0
+    both = benchmark.measure_imagination(variant={"gru_blocks": 1}, **size)
+    assert both["config"]["gru_blocks"] == 8 and both["config"]["interleaved_with"] == ["variant"]
+    both.update(peak_rss_mb=1.0, seconds=1.0)  # what isolated() adds
+    variant = benchmark.paired(both, "variant", "dense", gru_blocks=1)
+    assert variant["value"] > 0 and variant["config"]["gru_blocks"] == 1 and "variant" not in both
 
 
 def test_bad_flags_exit_2(tmp_path):
