@@ -149,6 +149,14 @@ def frames_to_float(obs_uint8, device):
     return obs.to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)
 
 
+def evenly(starts: np.ndarray, count: int) -> np.ndarray:
+    """Up to `count` windows spread over the whole array (deterministic): every episode of a split, not the
+    first few, when the array is ordered by episode."""
+    if len(starts) <= count:
+        return starts
+    return starts[np.linspace(0, len(starts) - 1, count).round().astype(np.int64)]
+
+
 class PokemonDataset:
     """All chunks of `data_dir` in memory; windows of `seq_len` consecutive rows.
 

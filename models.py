@@ -387,6 +387,13 @@ class RSSMConfig:
     continue_scale: float = 1.0
     grad_clip: float = 1000.0  # max global grad norm
     lr: float = 3e-4  # Adam learning rate train_rssm.py uses unless --lr is given
+    # "constant" | "cosine": train_rssm.py anneals the learning rate from lr to lr * lr_final along a cosine
+    # over the run (its epochs x batches, or --time-budget's minutes, whichever ends first)
+    lr_schedule: str = "constant"
+    lr_final: float = 0.1
+    # train_rssm.py draws each training window that shows a battle this many times per epoch (battles are ~1.5%
+    # of make demo's frames and the hardest to reconstruct); 1: every window once
+    battle_repeats: int = 1
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "RSSMConfig":
@@ -427,7 +434,7 @@ class RSSMConfig:
             "conv_norm": ("batch", "layer", "none"), "conv_act": tuple(_ACTIVATIONS), "mlp_act": tuple(_ACTIVATIONS),
             "decoder_output": ("sigmoid", "linear"), "gru": ("torch", "layernorm"), "mlp_norm": ("none", "layer", "rms"),
             "sampler": ("gumbel", "categorical"), "reward_head": ("mse", "twohot"), "recon_loss": ("mean", "sum"),
-            "frame_model": ("pixels", "tiles"),
+            "frame_model": ("pixels", "tiles"), "lr_schedule": ("constant", "cosine"),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -439,6 +446,10 @@ class RSSMConfig:
                              f"and hidden ({self.hidden})")
         if self.gru_blocks > 1 and self.gru != "layernorm":
             raise ValueError("RSSMConfig.gru_blocks > 1 needs gru='layernorm'")
+        if self.battle_repeats < 1:
+            raise ValueError(f"RSSMConfig.battle_repeats={self.battle_repeats} must be at least 1")
+        if not 0 <= self.lr_final <= 1:
+            raise ValueError(f"RSSMConfig.lr_final={self.lr_final} must be in [0, 1] (a fraction of lr)")
         if self.overshoot < 0 or self.overshoot_scale < 0:
             raise ValueError("RSSMConfig.overshoot and overshoot_scale must be >= 0")
         factor = math.prod(self.conv_strides)

@@ -18,15 +18,20 @@ Measured, each in its own forked process (so its peak RSS is its own and one can
   imagine_<preset>     latent steps/s of the prior alone (imagination.imagine, no decoding)
   imagine_original     a plain GRUCell + MLP step at the faithful sizes (`original_prior_step`), interleaved
                        with the first preset's rollouts
+  env_steps_in_turns   env steps and the default preset's rollouts in one process, taking turns (chunks of
+  imagine_default_in_turns  env steps, then a rollout; best of each): the imagined-per-emulator-step ratio
   decode_<preset>      decoded frames/s (imagination.decode); its config holds parameter counts and the
                        checkpoint size (what scripts/benchmark_rssm.py reported)
-  --hot-paths adds: channels_last flipped, torch.compile (default preset), the other thread count (1 <-> 2)
-                       for the default preset (these are NOT interleaved), and imagination with the default
+  --hot-paths adds: channels_last flipped (for presets but faithful in turns, step by step, with the
+                       preset's own layout: train_<preset>_channels_last_<on|off>_beside), torch.compile
+                       (default preset), the other thread count (1 <-> 2) for the default preset (these two
+                       NOT interleaved), and imagination with the default
                        preset's GRU dense (gru_blocks 1, imagine_default_dense_gru, interleaved with
                        imagine_default); differences under ~20% in what is not interleaved are noise
                        on a shared machine.
 Ratios come from figures of the SAME run; absolute speeds depend on what else the machine runs.
-Training results also carry minor_page_faults_per_step (median; allocator behaviour, not speed).
+Training results also carry minor_page_faults_per_step, imagination's minor_page_faults_per_rollout (medians;
+allocator behaviour, not speed). Imagination runs with checkpoint.keep_freed_memory, as train_policy.py does.
 Peak RSS = ru_maxrss of the measuring process (includes the interpreter and its imports; the RSS just
 before the timed work is given as baseline_rss_mb); for the collector, the largest of its processes.
 Writes --out (JSON, atomic) and prints a table.
@@ -330,10 +335,12 @@ def _training_way(conn, way, data_dir, preset, batch_size, seq_len, threads, cha
     train_rssm.py does (checkpoint.keep_freed_memory); "original" with the allocator untouched."""
     from dataset import frames_to_float
 
-    if way == "ours":
-        checkpoint.keep_freed_memory()
-    else:
+    if way == "original":
         channels_last = False  # the original's layout
+    else:
+        checkpoint.keep_freed_memory()
+        if way == "flipped":  # ours with the preset's memory format flipped
+            channels_last = not _default_channels_last(preset)
     torch = _torch(threads)
     ds = PokemonDataset(data_dir, seq_len=seq_len)
     wm = _world_model(torch, preset, ds.resolution, channels_last, frames=ds.obs)
@@ -406,7 +413,7 @@ def measure_training(data_dir, preset, batch_size, seq_len, steps, threads, ways
               "config": {"preset": preset, "way": ways[0], "batch_size": batch_size, "seq_len": seq_len,
                          "resolution": first["resolution"], "timed_steps": steps, "threads": threads,
                          "channels_last": first["channels_last"], "torch_compile": compile_model,
-                         "allocator": "keep_freed_memory" if ways[0] == "ours" else "default",
+                         "allocator": "default" if ways[0] == "original" else "keep_freed_memory",
                          "parameters": first["parameters"], "data": "real collected frames",
                          "interleaved_with": list(ways[1:]), "process": "one per way"}}
     for way in ways[1:]:
@@ -449,13 +456,33 @@ def original_prior_step(torch):
     return OriginalPriorStep()
 
 
+def in_turns(loops: dict, repeats: int) -> tuple[float, dict, dict]:
+    """Run each of `loops` (name -> function) once to warm up, then all of them in turns `repeats` times.
+    -> (RSS in MB before the timed runs, name -> the fastest run's seconds, name -> median minor page faults
+    per run)."""
+    for loop in loops.values():
+        loop()
+    baseline = _rss_mb()
+    best, faults = {name: math.inf for name in loops}, {name: [] for name in loops}
+    for _ in range(repeats):
+        for name, loop in loops.items():
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            began = time.perf_counter()
+            loop()
+            best[name] = min(best[name], time.perf_counter() - began)
+            faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return baseline, best, {name: float(np.median(counts)) for name, counts in faults.items()}
+
+
 def measure_imagination(preset, batch, horizon, repeats, threads, image_size, with_original=False,
-                        overrides=None, variant=None) -> dict:
+                        overrides=None, variant=None, keep_memory=True) -> dict:
     """Best of `repeats` rollouts of `horizon` prior steps for `batch` starts -> latent steps/s.
     with_original: the original's step (`original_prior_step`) is timed in turns with ours; variant (RSSMConfig
     fields): so is the same preset with those fields changed (result key "variant")."""
     import imagination
 
+    if keep_memory:  # as train_policy.py: a rollout's (batch, horizon, features) output is re-allocated each
+        checkpoint.keep_freed_memory()  # time; by default glibc maps it afresh and page-faults it in
     torch = _torch(threads)
     actions = torch.randint(0, len(ACTIONS), (batch, horizon))
     wm = _world_model(torch, preset, image_size, overrides=overrides).eval()  # image size: encoder/decoder only
@@ -474,17 +501,11 @@ def measure_imagination(preset, batch, horizon, repeats, threads, image_size, wi
     if variant:
         other = _world_model(torch, preset, image_size, overrides={**(overrides or {}), **variant}).eval()
         rollouts["variant"] = lambda: imagination.imagine(other, state, actions)
-    for rollout in rollouts.values():
-        rollout()  # warm-up
-    baseline = _rss_mb()
-    best = {name: math.inf for name in rollouts}
-    for _ in range(repeats):
-        for name, rollout in rollouts.items():
-            began = time.perf_counter()
-            rollout()
-            best[name] = min(best[name], time.perf_counter() - began)
+    baseline, best, faults = in_turns(rollouts, repeats)
     result = {"value": batch * horizon / best["ours"], "unit": "latent steps/s", "baseline_rss_mb": baseline,
+              "minor_page_faults_per_rollout": faults["ours"],
               "config": {"preset": preset, "batch": batch, "horizon": horizon, "repeats": repeats, "threads": threads,
+                         "allocator": "keep_freed_memory" if keep_memory else "default",
                          "deter": wm.cfg.deter, "gru_blocks": wm.cfg.gru_blocks, "stoch": wm.cfg.stoch,
                          "classes": wm.cfg.classes, "decoding": False, "way": "imagination.imagine (inference mode)",
                          "interleaved_with": [name for name in rollouts if name != "ours"]}}
@@ -492,6 +513,42 @@ def measure_imagination(preset, batch, horizon, repeats, threads, image_size, wi
         if name != "ours":
             result[name] = batch * horizon / best[name]
     return result
+
+
+def measure_dreaming(rom, state_file, steps, episode_length, preset, batch, horizon, repeats, threads,
+                     image_size) -> dict:
+    """The emulator and imagination in ONE process, taking turns `repeats` times: a chunk of
+    steps / repeats random env steps, then one rollout as in measure_imagination. Both figures are the best
+    turn's, so a slow patch of a shared machine cannot fall on one side of the ratio only.
+    -> env steps/s (value) and latent steps/s ("imagination")."""
+    import imagination
+
+    checkpoint.keep_freed_memory()  # as measure_imagination
+    torch = _torch(threads)
+    env = PokemonEnv(rom=rom, save_states=[state_file], episode_length=episode_length)
+    rng = np.random.default_rng(0)
+    env.reset(seed=0)
+    actions = torch.randint(0, len(ACTIONS), (batch, horizon))
+    wm = _world_model(torch, preset, image_size).eval()
+    state = wm.rssm.initial(batch)
+    chunk = max(1, steps // repeats)
+
+    def play():
+        for _ in range(chunk):
+            _, _, terminated, truncated, _ = env.step(int(rng.integers(len(ACTIONS))))
+            if terminated or truncated:
+                env.reset(seed=int(rng.integers(2**31)))
+
+    turns = {"env": play, "imagination": lambda: imagination.imagine(wm, state, actions)}
+    baseline, best, faults = in_turns(turns, repeats)
+    env.close()
+    return {"value": chunk / best["env"], "unit": "steps/s", "baseline_rss_mb": baseline,
+            "imagination": batch * horizon / best["imagination"], "imagination_faults": faults["imagination"],
+            "config": {"steps": chunk * repeats, "chunks": repeats, "episode_length": episode_length,
+                       "resolution": "144x160", "ticks_per_action": 24, "policy": "random", "processes": 1,
+                       "way": "PokemonEnv.step, best chunk", "allocator": "keep_freed_memory", "imagination": {
+                           "preset": preset, "batch": batch, "horizon": horizon, "threads": threads,
+                           "gru_blocks": wm.cfg.gru_blocks, "allocator": "keep_freed_memory"}}}
 
 
 def measure_decoding(preset, frames, threads, image_size) -> dict:
@@ -586,6 +643,15 @@ def run(args) -> dict:
             if dense:
                 results["imagine_default_dense_gru"] = paired(results["imagine_default"], "variant",
                                                               "the default preset with a dense GRU", gru_blocks=1)
+        dreamer = "default" if "default" in args.presets else args.presets[0]
+        record("env_steps_in_turns", measure_dreaming, steps=s["emu_steps"], preset=dreamer, **emu, **imag)
+        turns = results["env_steps_in_turns"]
+        results[f"imagine_{dreamer}_in_turns"] = {
+            "value": turns.pop("imagination"), "unit": "latent steps/s", "peak_rss_mb": turns["peak_rss_mb"],
+            "minor_page_faults_per_rollout": turns.pop("imagination_faults"),
+            "baseline_rss_mb": turns["baseline_rss_mb"], "seconds": turns["seconds"],
+            "config": dict(turns["config"].pop("imagination"), way="imagination.imagine (inference mode), best "
+                           "rollout", interleaved_with=[turns["config"]["way"]])}
         for preset in args.presets:
             record(f"decode_{preset}", measure_decoding, preset=preset, frames=s["decode_frames"], threads=threads,
                    image_size=image_size)
@@ -593,8 +659,13 @@ def run(args) -> dict:
             for preset in args.presets:
                 steps = s["train_steps"].get(preset, 2)
                 flipped = not _default_channels_last(preset)
-                record(f"train_{preset}_channels_last_{'on' if flipped else 'off'}", measure_training, preset=preset,
-                       steps=steps, channels_last=flipped, **train)
+                name = f"train_{preset}_channels_last_{'on' if flipped else 'off'}"
+                if preset == "faithful":  # minutes per step: not again beside the plain one
+                    record(name, measure_training, preset=preset, steps=steps, channels_last=flipped, **train)
+                else:  # in turns, step by step, with the preset's own layout in a process of its own
+                    record(name, measure_training, preset=preset, steps=2 * steps, ways=("flipped", "ours"), **train)
+                    results[f"{name}_beside"] = paired(results[name], "ours", f"the preset's own layout, in turns with "
+                                                       f"{name}", channels_last=not flipped)
                 if preset != "faithful":  # a faithful step takes minutes on this machine: one variant only
                     other = 2 if threads == 1 else 1
                     record(f"train_{preset}_{other}_threads", measure_training, preset=preset, steps=steps,
@@ -629,16 +700,21 @@ def run(args) -> dict:
         ratios["imagine_default_vs_dense_gru"] = ratio(results["imagine_default"], results["imagine_default_dense_gru"],
                                                        None, "the preset's block GRU / the same model with a dense GRU")
     best = "default" if "default" in args.presets else args.presets[0]
-    imagined = results[f"imagine_{best}"]
-    ratios["imagined_per_emulator_step"] = ratio(imagined, results["env_steps"], 200.0,
-                                                 f"imagine_{best} / env_steps (both per process)")
+    ratios["imagined_per_emulator_step"] = ratio(results[f"imagine_{best}_in_turns"], results["env_steps_in_turns"],
+                                                 200.0, f"imagine_{best}_in_turns / env_steps_in_turns (one process, "
+                                                        "taking turns)")
+    ratios["imagined_per_emulator_step_apart"] = ratio(results[f"imagine_{best}"], results["env_steps"], None,
+                                                       f"imagine_{best} / env_steps (measured minutes apart)")
     ratios["imagined_per_emulator_step_per_core"] = {
         "value": ratios["imagined_per_emulator_step"]["value"] / threads,
         "note": f"imagination uses {threads} torch threads, the emulator 1 core"}
     for name, r in results.items():
         if name.startswith("train_") and name != "train_faithful_original" and name.count("_") > 1:
             base = f"train_{r['config']['preset']}"
-            if base != name and base in results:
+            if f"{name}_beside" in results:  # measured in turns with the plain way
+                ratios[f"{name}_vs_plain"] = ratio(r, results[f"{name}_beside"], None,
+                                                   "> 1: this variant helps (in turns, step by step)")
+            elif base != name and base in results and not name.endswith("_beside"):
                 ratios[f"{name}_vs_plain"] = ratio(r, results[base], None, "> 1: this variant helps")
     return {"results": results, "ratios": ratios}
 

@@ -8,7 +8,8 @@ episodes to regress the player's (x, y) tile and classify the map id. On validat
 (split by episode, as in training) the model observes --context real frames, then the prior alone
 imagines --horizon steps with the logged actions. Per imagined step k = 1..K: the probe's Manhattan
 tile error and map-id accuracy on the imagined features, and the PSNR of the decoded frame against
-the real one. Also: reconstruction PSNR of the posterior, and the probe's error on the posterior.
+the real one. Also: reconstruction PSNR of the posterior (overall, and on overworld / text-box / battle
+frames by the RAM, with each one's share of the squared error), and the probe's error on the posterior.
 Writes results.json, results.md (one table, checkpoints side by side) and drift.png to --out-dir.
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ from tqdm import tqdm
 import artifacts
 import checkpoint
 import imagination
-from dataset import PokemonDataset, frames_to_float
+from dataset import PokemonDataset, evenly, frames_to_float
 from errors import UserError, cli
 from models import StateProbe, StateProbeConfig, psnr
 
@@ -56,13 +57,6 @@ def parse_args(argv=None):
     return args
 
 
-def evenly(starts: np.ndarray, count: int) -> np.ndarray:
-    """Up to `count` windows spread over the whole array (deterministic)."""
-    if len(starts) <= count:
-        return starts
-    return starts[np.linspace(0, len(starts) - 1, count).round().astype(np.int64)]
-
-
 def posterior_features(wm, ds, starts, batch_size, device) -> tuple[torch.Tensor, dict]:
     """Posterior features (N, T, F) of windows and their RAM targets (x, y, map id)."""
     feats, targets = [], {"xs": [], "ys": [], "map_ids": []}
@@ -73,6 +67,14 @@ def posterior_features(wm, ds, starts, batch_size, device) -> tuple[torch.Tensor
         for key in targets:
             targets[key].append(batch[key])
     return torch.cat(feats), {k: torch.cat(v) for k, v in targets.items()}
+
+
+SCENES = ("overworld", "text box", "battle")  # what a frame shows, from its RAM: battle > text box > overworld
+
+
+def scene_of(batch: dict) -> torch.Tensor:
+    """(B, T) index into SCENES of each frame of a batch."""
+    return torch.where(batch["in_battles"], 2, torch.where(batch["dialog_opens"], 1, 0))
 
 
 def train_probe(feats: torch.Tensor, targets: dict, steps: int, seed: int) -> StateProbe:
@@ -117,7 +119,7 @@ def evaluate_checkpoint(path: Path, ds, train_starts, val_starts, args, device) 
 
     K, C = args.horizon, args.context
     sums = {"tile_error": torch.zeros(K), "map_acc": torch.zeros(K), "mse": torch.zeros(K), "stay_tile_error": torch.zeros(K)}
-    post_err, post_acc, recon_mse, count = [], [], [], 0
+    post_err, post_acc, recon_mse, scenes, count = [], [], [], [], 0
     val = evenly(val_starts, args.max_sequences)
     for i in tqdm(range(0, len(val), args.batch_size), desc=f"imagining ({path.name})", unit="batch"):
         batch = ds.get_batch(val[i:i + args.batch_size])
@@ -137,6 +139,7 @@ def evaluate_checkpoint(path: Path, ds, train_starts, val_starts, args, device) 
         # the posterior over the whole window: reconstruction quality and what the probe reads from it
         ctx = imagination.observe(wm, frames, actions)
         recon_mse.append((imagination.decode(wm, ctx["feat"]) - frames).pow(2).mean((-3, -2, -1)).flatten().cpu())
+        scenes.append(scene_of(batch).flatten())
         e, a = probe_scores(probe, ctx["feat"].cpu(), batch["xs"].float(), batch["ys"].float(), batch["map_ids"])
         post_err.append(e.flatten()), post_acc.append(a.flatten())
     # PSNR of the mean squared error over all frames: exactly predicted frames (likely with tile tokens)
@@ -144,14 +147,26 @@ def evaluate_checkpoint(path: Path, ds, train_starts, val_starts, args, device) 
     steps = [{"k": k + 1, **{name: (v[k] / count).item() for name, v in sums.items()}} for k in range(K)]
     for step in steps:
         step["psnr"] = psnr(torch.tensor(step["mse"])).item()
-    recon_mse = torch.cat(recon_mse)
+    recon_mse, scenes = torch.cat(recon_mse), torch.cat(scenes)
+    by_scene = {}
+    for index, name in enumerate(SCENES):
+        picked = recon_mse[scenes == index]
+        by_scene[name] = {"frames": int(len(picked)),
+                          "psnr": psnr(picked.mean()).item() if len(picked) else None,
+                          "error_share": (picked.sum() / recon_mse.sum().clamp(min=1e-12)).item()}
     return {
         "checkpoint": str(path), "preset": wm.cfg.preset, "parameters": sum(p.numel() for p in wm.parameters()),
         "sequences": count, "context": C, "recon_psnr": psnr(recon_mse.mean()).item(),
-        "recon_exact_frames": (recon_mse == 0).float().mean().item(),
+        "recon_exact_frames": (recon_mse == 0).float().mean().item(), "recon_by_scene": by_scene,
         "posterior_tile_error": torch.cat(post_err).mean().item(), "posterior_map_acc": torch.cat(post_acc).mean().item(),
         "steps": steps,
     }
+
+
+def scene_cell(value: dict) -> str:
+    if value["psnr"] is None:
+        return "no frames"
+    return f"{value['psnr']:.2f} dB ({value['frames']} frames, {100 * value['error_share']:.1f}% of the squared error)"
 
 
 def markdown(results: dict, horizon: int) -> str:
@@ -168,6 +183,9 @@ def markdown(results: dict, horizon: int) -> str:
                       ("posterior_map_acc", "probe map accuracy on the posterior")]:
         cells = [f"{results[l][key]:.3f}" if isinstance(results[l][key], float) else str(results[l][key]) for l in labels]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    for scene in SCENES:
+        cells = [scene_cell(results[l]["recon_by_scene"][scene]) for l in labels]
+        lines.append(f"| posterior reconstruction PSNR on {scene} frames | " + " | ".join(cells) + " |")
     lines += ["", "Per imagined step k (prior only after the context frames; no-move: the tile error of guessing that",
               "the player stays where the last context frame shows it, a floor any useful imagination must beat):",
               "", head, rule]
@@ -221,6 +239,8 @@ def main(argv=None):
                   f"{steps[k - 1]['map_acc']:.3f}, PSNR {steps[k - 1]['psnr']:.2f} dB", flush=True)
         print(f"{label}: posterior reconstruction PSNR {results[label]['recon_psnr']:.2f} dB, probe tile error on the "
               f"posterior {results[label]['posterior_tile_error']:.2f}", flush=True)
+        print(f"{label}: reconstruction by scene: " + "; ".join(
+            f"{scene} {scene_cell(v)}" for scene, v in results[label]["recon_by_scene"].items()), flush=True)
     out = Path(args.out_dir)
     artifacts.write_json(out / "results.json", {"data_dir": str(args.data_dir), "horizon": args.horizon,
                                                 "context": args.context, "results": results})

@@ -27,7 +27,7 @@ from tqdm import tqdm
 import artifacts
 import checkpoint
 import imagination
-from dataset import PokemonDataset, frames_to_float
+from dataset import PokemonDataset, evenly, frames_to_float
 from errors import UserError, cli
 from models import RSSM_PRESETS, RSSMConfig, WorldModel, psnr
 
@@ -103,6 +103,23 @@ def setup_distributed(device_flag: str):
     return rank, world, device
 
 
+def scheduled_lr(cfg: RSSMConfig, base: float, progress: float) -> float:
+    """The learning rate after `progress` (0..1) of the run: constant, or a cosine from base to base * lr_final."""
+    if cfg.lr_schedule == "constant":
+        return base
+    progress = min(max(progress, 0.0), 1.0)
+    return base * (cfg.lr_final + (1.0 - cfg.lr_final) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def repeat_battle_windows(ds: PokemonDataset, starts: np.ndarray, repeats: int) -> np.ndarray:
+    """The training windows an epoch draws: each window with a battle frame `repeats` times, the rest once."""
+    if repeats == 1:
+        return starts
+    battle = np.concatenate([[0], np.cumsum(ds.arrays["in_battles"], dtype=np.int64)])
+    has_battle = battle[starts + ds.seq_len] - battle[starts] > 0
+    return np.concatenate([starts, np.repeat(starts[has_battle], repeats - 1)])
+
+
 def epoch_order(count: int, seed: int, epoch: int) -> np.ndarray:
     """The deterministic shuffle of the training windows for one epoch (same on every rank)."""
     return np.random.default_rng([seed, epoch]).permutation(count)
@@ -115,10 +132,12 @@ def to_device(batch: dict, device) -> tuple:
 
 @torch.inference_mode()
 def evaluate(wm: WorldModel, ds: PokemonDataset, starts: np.ndarray, batch_size: int, max_batches: int, device) -> dict:
-    """Mean validation losses and the posterior reconstruction PSNR (decoded frames clamped to [0, 1])."""
+    """Mean validation losses and the posterior reconstruction PSNR (decoded frames clamped to [0, 1]) on up to
+    max_batches batches of windows spread over all of `starts` (every held-out episode, as evaluate_rssm.py)."""
     wm.eval()
     sums, count = {}, 0
-    for i in range(min(max_batches, math.ceil(len(starts) / batch_size))):
+    starts = evenly(starts, max_batches * batch_size)
+    for i in range(math.ceil(len(starts) / batch_size)):
         frames, actions, rewards, continues = to_device(ds.get_batch(starts[i * batch_size:(i + 1) * batch_size]), device)
         total, losses, metrics, states = wm(frames, actions, rewards, continues)
         recon = wm.decode(imagination.features(states))
@@ -202,12 +221,9 @@ def main(argv=None):
                             f"delete or recollect it")
     train_starts, val_starts = ds.split(args.val_split, seed=args.seed)
     global_batch = args.batch_size * world
-    batches_per_epoch = len(train_starts) // global_batch
-    if batches_per_epoch == 0:
+    if len(train_starts) < global_batch:
         raise UserError(f"{args.data_dir} has {len(train_starts)} training windows of {args.seq_len} frames, fewer than one "
                         f"batch of {global_batch}; lower --batch-size or --seq-len, or collect more data")
-    if args.steps_per_epoch:
-        batches_per_epoch = min(batches_per_epoch, args.steps_per_epoch)
 
     resume = None
     if args.resume:
@@ -225,12 +241,18 @@ def main(argv=None):
         raise UserError(f"the model expects {cfg.image_size[0]}x{cfg.image_size[1]} frames but {args.data_dir} holds "
                         f"{ds.resolution[0]}x{ds.resolution[1]}")
 
+    drawn = repeat_battle_windows(ds, train_starts, cfg.battle_repeats)  # what an epoch draws, in a shuffled order
+    batches_per_epoch = len(drawn) // global_batch
+    if args.steps_per_epoch:
+        batches_per_epoch = min(batches_per_epoch, args.steps_per_epoch)
+
     torch.manual_seed(args.seed)  # identical initial weights on every rank
     wm = WorldModel(cfg)
     if wm.tiles is not None and resume is None:
         fit_tiles(wm, ds, train_starts, main_process)
     wm = wm.to(device)
-    optimizer = torch.optim.Adam(wm.parameters(), lr=args.lr or cfg.lr)
+    base_lr = args.lr or cfg.lr
+    optimizer = torch.optim.Adam(wm.parameters(), lr=base_lr)
     step, start_epoch, start_batch, best_val, history = 0, 0, 0, float("inf"), []
     if resume is not None:
         checkpoint.check_state_matches(wm, resume["model_state"], what=str(latest_path))
@@ -252,7 +274,7 @@ def main(argv=None):
     if main_process:
         artifacts.write_json(out_dir / "config.json", {
             "model": cfg.to_dict(), "run": vars(args), "world_size": world, "device": str(device),
-            "train_windows": int(len(train_starts)), "val_windows": int(len(val_starts)),
+            "train_windows": int(len(train_starts)), "drawn_per_epoch": int(len(drawn)), "val_windows": int(len(val_starts)),
             "parameters": sum(p.numel() for p in wm.parameters()),
         })
 
@@ -267,13 +289,14 @@ def main(argv=None):
         checkpoint.save_checkpoint(path, kind="rssm", config=cfg.to_dict(), model_state=wm.state_dict(), step=step,
                                    extra={"epoch": epoch, "metrics": metrics, "run_config": vars(args)})
 
+    total_steps = max(1, args.epochs * batches_per_epoch)
     started = time.perf_counter()
     train_seconds = 0.0  # time spent in training batches only (this process, since this start or resume)
     frames_per_batch = global_batch * args.seq_len
     stop = False
     epoch = start_epoch
     for epoch in range(start_epoch, args.epochs):
-        order = train_starts[epoch_order(len(train_starts), args.seed, epoch)]
+        order = drawn[epoch_order(len(drawn), args.seed, epoch)]
         first = start_batch if epoch == start_epoch else 0
         sums, seen, epoch_time = {}, 0, 0.0
         bar = tqdm(range(first, batches_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", unit="batch",
@@ -284,17 +307,25 @@ def main(argv=None):
             frames, actions, rewards, continues = to_device(ds.get_batch(starts), device)
             total, losses, metrics, _ = model(frames, actions, rewards, continues)
             bad = nonfinite_losses(total, losses)
-            out_of_time = args.time_budget is not None and time.perf_counter() - started > args.time_budget * 60
-            if world > 1:  # every rank must agree to stop
-                flags = torch.tensor([float(bool(bad)), float(out_of_time)], device=device)
+            elapsed = time.perf_counter() - started
+            out_of_time = args.time_budget is not None and elapsed > args.time_budget * 60
+            if world > 1:  # every rank must agree to stop, and on the learning rate
+                flags = torch.tensor([float(bool(bad)), float(out_of_time), elapsed], device=device, dtype=torch.float64)
                 dist.all_reduce(flags)
                 bad = bad or (["on another rank"] if flags[0] > 0 else [])
                 out_of_time = bool(flags[1] > 0)
+                elapsed = flags[2].item() / world
             if bad:
                 kept = f"the last good checkpoint is {latest_path}" if latest_path.exists() else "no checkpoint was written yet"
                 values = ", ".join(f"{k}={losses[k].item()}" for k in bad if k in losses) or f"total={total.item()}"
                 raise UserError(f"non-finite loss at step {step + 1} (epoch {epoch + 1}, batch {i + 1}): {values}; "
                                 f"{kept}; try a lower --lr")
+            progress = step / total_steps  # the run's fraction done: by batches, or by time under --time-budget
+            if args.time_budget is not None:
+                progress = max(progress, elapsed / (args.time_budget * 60))
+            lr = scheduled_lr(cfg, base_lr, progress)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(wm.parameters(), cfg.grad_clip)
@@ -312,7 +343,8 @@ def main(argv=None):
                 if step % args.log_every == 0:
                     log.record({"step": step, "epoch": epoch + 1, **{f"loss/{k}": v.item() for k, v in losses.items()},
                                 "loss/total": values["total"], "train/psnr": metrics["psnr"], "train/kl": metrics["kl"],
-                                "train/grad_norm": grad_norm.item(), "perf/frames_per_s": frames_per_batch / dt},
+                                "train/grad_norm": grad_norm.item(), "train/lr": lr,
+                                "perf/frames_per_s": frames_per_batch / dt},
                                epoch_end=False)
                 if args.val_every and step % args.val_every == 0 and len(val_starts):
                     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):

@@ -5,13 +5,16 @@ import math
 import subprocess
 import sys
 
+import pytest
+
 from conftest import load_script, run_script
 
 MEASUREMENTS = ("env_steps", "collect_original", "collect_1_worker", "collect_2_workers", "train_faithful",
                 "train_default", "train_faithful_original", "imagine_faithful", "imagine_default", "imagine_original",
-                "decode_faithful", "decode_default")
+                "decode_faithful", "decode_default", "env_steps_in_turns", "imagine_default_in_turns")
 RATIOS = ("collector_vs_original_per_worker", "workers_2_vs_1", "train_faithful_vs_original",
-          "imagine_default_vs_original", "imagined_per_emulator_step", "imagined_per_emulator_step_per_core")
+          "imagine_default_vs_original", "imagined_per_emulator_step", "imagined_per_emulator_step_per_core",
+          "imagined_per_emulator_step_apart")
 
 
 def finite_numbers(value, where):
@@ -44,6 +47,13 @@ def test_quick_benchmark_reports_every_field(tmp_path, cartridge_rom):
     assert report["results"]["train_faithful_original"]["config"]["allocator"] == "default"
     assert report["ratios"]["imagined_per_emulator_step"]["target"] == 200.0
     assert report["results"]["imagine_default"]["config"]["gru_blocks"] == 8
+    for name in ("imagine_default", "imagine_default_in_turns"):
+        assert report["results"][name]["minor_page_faults_per_rollout"] >= 0, name
+    assert report["results"]["imagine_default"]["config"]["allocator"] == "keep_freed_memory"
+    turns = report["results"]["imagine_default_in_turns"]
+    assert turns["config"]["preset"] == "default" and turns["config"]["interleaved_with"]
+    assert report["ratios"]["imagined_per_emulator_step"]["value"] == pytest.approx(
+        turns["value"] / report["results"]["env_steps_in_turns"]["value"])
     for name in ("train_faithful", "train_faithful_original", "train_default"):
         assert report["results"][name]["minor_page_faults_per_step"] >= 0, name
     finite_numbers(report, "report")

@@ -11,7 +11,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dataset import CHUNK_FIELDS, ChunkBuffer, PokemonDataset, chunk_name, frames_to_float
+from dataset import CHUNK_FIELDS, ChunkBuffer, PokemonDataset, chunk_name, evenly, frames_to_float
 from errors import UserError
 from game_state import GameState
 
@@ -81,6 +81,19 @@ def test_split_is_by_episode_deterministic_and_disjoint(tmp_path):
     again = ds.split(val_split=0.25, seed=3)
     assert np.array_equal(again[0], train) and np.array_equal(again[1], val)
     assert not np.array_equal(ds.split(val_split=0.25, seed=4)[1], val) or len(train_episodes | val_episodes) < 3
+
+
+def test_evenly_spreads_windows_over_every_episode(tmp_path):
+    """Validation (train_rssm.py) and evaluation (evaluate_rssm.py) score windows from all held-out episodes,
+    not the first few of an array ordered by episode."""
+    write_chunks(tmp_path, [[20, 15, 30], [25, 10], [40, 12, 18]])
+    ds = PokemonDataset(tmp_path, seq_len=5)
+    starts = ds.window_starts
+    picked = evenly(starts, 8)
+    assert len(picked) == 8 and picked[0] == starts[0] and picked[-1] == starts[-1]
+    assert np.all(np.diff(picked) > 0) and np.isin(picked, starts).all()
+    assert set(ds.segment_ids[picked].tolist()) == set(ds.segment_ids[starts].tolist())  # all 8 episodes
+    assert np.array_equal(evenly(starts, len(starts) + 5), starts)
 
 
 def test_get_batch_values_and_frames_to_float(tmp_path):

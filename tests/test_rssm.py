@@ -401,8 +401,36 @@ def test_ddp_two_processes_keep_identical_weights(data_dir, tmp_path):
     assert checkpoint.load_checkpoint(tmp_path / "checkpoint_latest.pt")["step"] == 6
 
 
+def test_battle_windows_are_drawn_repeats_times_and_the_lr_schedule_anneals(data_dir):
+    from dataset import PokemonDataset
+
+    train_rssm = load_script("train_rssm")
+    ds = PokemonDataset(data_dir, seq_len=6)
+    starts = ds.split(0.2, seed=0)[0]
+    ds.arrays["in_battles"] = np.zeros_like(ds.arrays["in_battles"])  # a battle frame at one row only
+    row = int(starts[len(starts) // 2]) + 2
+    ds.arrays["in_battles"][row] = True
+    covering = starts[(starts <= row) & (row < starts + 6)]
+    assert 1 <= len(covering) <= 6
+    drawn = train_rssm.repeat_battle_windows(ds, starts, 3)
+    values, counts = np.unique(drawn, return_counts=True)
+    assert np.array_equal(values, np.unique(starts)) and len(drawn) == len(starts) + 2 * len(covering)
+    assert set(values[counts == 3].tolist()) == set(covering.tolist()) and set(counts.tolist()) == {1, 3}
+    assert train_rssm.repeat_battle_windows(ds, starts, 1) is starts
+
+    cfg = RSSMConfig.from_preset("tiny", lr_schedule="cosine", lr_final=0.1)
+    lrs = [train_rssm.scheduled_lr(cfg, 1e-3, p) for p in (0.0, 0.25, 0.5, 1.0, 2.0)]
+    assert lrs[0] == pytest.approx(1e-3) and lrs[2] == pytest.approx(5.5e-4) and lrs[3] == lrs[4] == pytest.approx(1e-4)
+    assert lrs == sorted(lrs, reverse=True)
+    assert train_rssm.scheduled_lr(RSSMConfig.from_preset("tiny"), 1e-3, 0.7) == 1e-3
+    for bad in ({"lr_schedule": "linear"}, {"lr_final": 1.5}, {"battle_repeats": 0}):
+        with pytest.raises(ValueError):
+            RSSMConfig.from_preset("tiny", **bad)
+
+
 def test_kill_and_resume_equals_an_uninterrupted_run(data_dir, tmp_path):
-    args = ["--data-dir", data_dir, *TINY_TRAIN, "--epochs", 2, "--steps-per-epoch", 8, "--checkpoint-every", 2]
+    args = ["--data-dir", data_dir, *TINY_TRAIN, "--epochs", 2, "--steps-per-epoch", 8, "--checkpoint-every", 2,
+            "--set", "lr_schedule=cosine"]  # the cosine schedule follows the step after a resume
     script = [sys.executable, str(REPO / "scripts" / "train_rssm.py"), *map(str, args), "--out-dir"]
     straight = subprocess.Popen([*script, str(tmp_path / "straight")], cwd=REPO, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True)  # runs alongside the one we kill
@@ -430,6 +458,8 @@ def test_kill_and_resume_equals_an_uninterrupted_run(data_dir, tmp_path):
     records = [json.loads(line) for line in (killed_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in records]
     assert steps == sorted(steps), "records written after the checkpoint were kept on resume"
+    lrs = [r["train/lr"] for r in records if "train/lr" in r]
+    assert len(lrs) == 16 and lrs == sorted(lrs, reverse=True) and lrs[-1] < 0.2 * lrs[0]
     during = [r for r in records if "eval/psnr_during" in r]
     assert [r["step"] for r in during][-3:] == [9, 12, 15] and all(r["perf/train_s"] > 0 for r in during)
 
@@ -454,8 +484,13 @@ def test_evaluate_rssm_writes_k_finite_rows_for_two_checkpoints(tiny_run, data_d
     ds = PokemonDataset(data_dir, seq_len=7)
     batch = ds.get_batch(load_script("evaluate_rssm").evenly(ds.split(0.1, seed=0)[1], 4))
     stay = ((batch["xs"][:, 1:] - batch["xs"][:, :1]).abs() + (batch["ys"][:, 1:] - batch["ys"][:, :1]).abs()).float()
+    battle = int(batch["in_battles"].sum())
+    text = int((batch["dialog_opens"] & ~batch["in_battles"]).sum())
     for res in results.values():
         assert [s["stay_tile_error"] for s in res["steps"]] == pytest.approx(stay.mean(0).tolist())
+        scenes = res["recon_by_scene"]  # every frame in one scene, by its RAM; the shares add up
+        assert [scenes[k]["frames"] for k in ("overworld", "text box", "battle")] == [28 - text - battle, text, battle]
+        assert sum(v["error_share"] for v in scenes.values()) == pytest.approx(1.0, abs=1e-4)
 
 
 def test_demo_video_is_playable_with_the_expected_frame_count(tiny_run, cartridge_rom, start_state_file, tmp_path):
