@@ -156,6 +156,14 @@ def _torch(threads: int):
 
 
 # --- emulator and collection ------------------------------------------------------------------
+def random_steps(env, rng, steps: int) -> None:
+    """`steps` uniformly random env steps, resetting the env whenever an episode ends."""
+    for _ in range(steps):
+        _, _, terminated, truncated, _ = env.step(int(rng.integers(len(ACTIONS))))
+        if terminated or truncated:
+            env.reset(seed=int(rng.integers(2**31)))
+
+
 def measure_env_steps(rom, state_file, steps, episode_length) -> dict:
     """PokemonEnv at native resolution, uniformly random actions, resets every `episode_length`."""
     env = PokemonEnv(rom=rom, save_states=[state_file], episode_length=episode_length)
@@ -163,10 +171,7 @@ def measure_env_steps(rom, state_file, steps, episode_length) -> dict:
     baseline = _rss_mb()
     env.reset(seed=0)
     began = time.perf_counter()
-    for _ in range(steps):
-        _, _, terminated, truncated, _ = env.step(int(rng.integers(len(ACTIONS))))
-        if terminated or truncated:
-            env.reset(seed=int(rng.integers(2**31)))
+    random_steps(env, rng, steps)
     seconds = time.perf_counter() - began
     env.close()
     return {"value": steps / seconds, "unit": "steps/s", "baseline_rss_mb": baseline,
@@ -532,14 +537,7 @@ def measure_dreaming(rom, state_file, steps, episode_length, preset, batch, hori
     wm = _world_model(torch, preset, image_size).eval()
     state = wm.rssm.initial(batch)
     chunk = max(1, steps // repeats)
-
-    def play():
-        for _ in range(chunk):
-            _, _, terminated, truncated, _ = env.step(int(rng.integers(len(ACTIONS))))
-            if terminated or truncated:
-                env.reset(seed=int(rng.integers(2**31)))
-
-    turns = {"env": play, "imagination": lambda: imagination.imagine(wm, state, actions)}
+    turns = {"env": lambda: random_steps(env, rng, chunk), "imagination": lambda: imagination.imagine(wm, state, actions)}
     baseline, best, faults = in_turns(turns, repeats)
     env.close()
     return {"value": chunk / best["env"], "unit": "steps/s", "baseline_rss_mb": baseline,
@@ -708,14 +706,13 @@ def run(args) -> dict:
     ratios["imagined_per_emulator_step_per_core"] = {
         "value": ratios["imagined_per_emulator_step"]["value"] / threads,
         "note": f"imagination uses {threads} torch threads, the emulator 1 core"}
-    for name, r in results.items():
-        if name.startswith("train_") and name != "train_faithful_original" and name.count("_") > 1:
-            base = f"train_{r['config']['preset']}"
-            if f"{name}_beside" in results:  # measured in turns with the plain way
-                ratios[f"{name}_vs_plain"] = ratio(r, results[f"{name}_beside"], None,
-                                                   "> 1: this variant helps (in turns, step by step)")
-            elif base != name and base in results and not name.endswith("_beside"):
-                ratios[f"{name}_vs_plain"] = ratio(r, results[base], None, "> 1: this variant helps")
+    for name, r in results.items():  # each training variant against the plain way: the one timed beside it if any
+        if not name.startswith("train_") or name.count("_") < 2 or name.endswith(("_original", "_beside")):
+            continue
+        plain = f"{name}_beside" if f"{name}_beside" in results else f"train_{r['config']['preset']}"
+        if plain in results:
+            note = " (in turns, step by step)" if plain.endswith("_beside") else ""
+            ratios[f"{name}_vs_plain"] = ratio(r, results[plain], None, "> 1: this variant helps" + note)
     return {"results": results, "ratios": ratios}
 
 
