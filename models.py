@@ -353,6 +353,7 @@ class RSSMConfig:
     embed_dim: int = 0  # > 0: a linear layer maps the flattened conv output to this size; 0: use it as is
     decoder_output: str = "linear"  # "sigmoid" | "linear" (prediction = 0.5 + output, clamped only for display)
     channels_last: bool = True  # memory format of the conv stacks (a speed choice only)
+    decoder_blocks: int = 0  # residual blocks (two 3x3 convs + norm each) on the decoder's coarsest grid
     # recurrent state-space model
     deter: int = 256  # GRU state size D
     stoch: int = 32  # number of categorical latents
@@ -446,6 +447,8 @@ class RSSMConfig:
                              f"and hidden ({self.hidden})")
         if self.gru_blocks > 1 and self.gru != "layernorm":
             raise ValueError("RSSMConfig.gru_blocks > 1 needs gru='layernorm'")
+        if self.decoder_blocks < 0:
+            raise ValueError(f"RSSMConfig.decoder_blocks={self.decoder_blocks} must be >= 0")
         if self.battle_repeats < 1:
             raise ValueError(f"RSSMConfig.battle_repeats={self.battle_repeats} must be at least 1")
         if not 0 <= self.lr_final <= 1:
@@ -591,6 +594,7 @@ class Decoder(nn.Module):
         channels = list(reversed(cfg.conv_channels))  # e.g. 256, 128, 64, 32
         strides = list(reversed(cfg.conv_strides))
         layers = [] if cfg.conv_residual else [_conv_norm(cfg.conv_norm, channels[0]), _ACTIVATIONS[cfg.conv_act]()]
+        layers += [ResidualBlock(channels[0], cfg.conv_norm, cfg.conv_act) for _ in range(cfg.decoder_blocks)]
         for i, (inp, stride) in enumerate(zip(channels, strides)):
             last = i + 1 == len(channels)
             if last and cfg.frame_model == "tiles":  # at the tile grid: logits over the codebook per cell
@@ -929,13 +933,19 @@ class WorldModel(nn.Module):
     def feat_dim(self) -> int:
         return self.cfg.deter + self.cfg.stoch * self.cfg.classes
 
-    def _encode(self, frames):
-        """(B, T, 3, H, W) in [0, 1] -> (what the encoder read: the (B*T, 3, H, W) frames or (B*T, H/8, W/8)
-        tile ids; embeddings (B, T, E))."""
-        batch, steps = frames.shape[:2]
-        inputs = frames.flatten(0, 1)
-        if self.tiles is not None:
-            inputs = self.tiles.tokenize(inputs)
+    def _encode(self, frames, tile_ids=None):
+        """(B, T, 3, H, W) in [0, 1] (or a tiles model's (B, T, H/8, W/8) `tile_ids` of them, made beforehand)
+        -> (what the encoder read: the (B*T, 3, H, W) frames or (B*T, H/8, W/8) tile ids; embeddings (B, T, E))."""
+        if tile_ids is not None:
+            if self.tiles is None:
+                raise ValueError("tile_ids given to a world model that reads pixels")
+            batch, steps = tile_ids.shape[:2]
+            inputs = tile_ids.flatten(0, 1).long()
+        else:
+            batch, steps = frames.shape[:2]
+            inputs = frames.flatten(0, 1)
+            if self.tiles is not None:
+                inputs = self.tiles.tokenize(inputs)
         return inputs, self.encoder(inputs).view(batch, steps, -1)
 
     def embed(self, frames):
@@ -963,16 +973,21 @@ class WorldModel(nn.Module):
     def continue_prob(self, feat):
         return torch.sigmoid(self.cont_head(feat).squeeze(-1))
 
-    def forward(self, frames, actions, rewards, continues):
+    def forward(self, frames, actions, rewards, continues, tile_ids=None, frame_metrics: bool = True):
         """Training loss on a batch of windows.
 
         frames (B, T, 3, H, W) in [0, 1]; actions (B, T) (a_t taken after frame t); rewards, continues (B, T)
-        (r_t received for a_t; continues_t = 0 when the episode ended after a_t).
+        (r_t received for a_t; continues_t = 0 when the episode ended after a_t). A tiles model may be given
+        the frames' tile ids (B, T, H/8, W/8) instead (`TileCodebook.tokenize_uint8`, once for a whole
+        dataset, so that no step tokenizes); frames are then needed only for `frame_metrics` (recon_mse
+        and psnr, which render the most likely tiles, a cost worth skipping on unlogged steps).
         Returns (total loss, dict of losses, dict of float metrics, posterior states).
         """
         cfg = self.cfg
-        batch, steps = frames.shape[:2]
-        inputs, embeds = self._encode(frames)  # inputs: frames or tile ids
+        batch, steps = actions.shape
+        inputs, embeds = self._encode(frames, tile_ids)  # inputs: frames or tile ids
+        if frame_metrics and frames is None:
+            raise ValueError("frame_metrics needs the frames")
         states = self.rssm.observe(embeds, actions)
         feat = torch.cat([states["h"], states["z"]], -1)  # (B, T, F)
         raw = self.decode_raw(feat)
@@ -980,9 +995,11 @@ class WorldModel(nn.Module):
             cell_loss = F.cross_entropy(raw.reshape(-1, raw.shape[-1]), inputs.flatten(), reduction="none")
             cell_loss = cell_loss.view(batch, steps, -1)  # (B, T, cells)
             recon = cell_loss.sum(-1).mean() if cfg.recon_loss == "sum" else cell_loss.mean()
-            with torch.no_grad():  # the metric of the most likely tiles (cheaper than the mean frame)
-                ids = raw[..., :int(self.tiles.size)].argmax(-1).flatten(0, 1)  # (B*T, H/8, W/8)
-                frame_mse = (self.tiles.render(ids) - frames.flatten(0, 1)).pow(2).mean((-3, -2, -1)).view(batch, steps)
+            frame_mse = None
+            if frame_metrics:
+                with torch.no_grad():  # the metric of the most likely tiles (cheaper than the mean frame)
+                    ids = raw[..., :int(self.tiles.size)].argmax(-1).flatten(0, 1)  # (B*T, H/8, W/8)
+                    frame_mse = (self.tiles.render(ids) - frames.flatten(0, 1)).pow(2).mean((-3, -2, -1)).view(batch, steps)
         else:
             pred = self.frames_from_output(raw)  # (B, T, 3, H, W)
             diff = pred - frames
@@ -1005,13 +1022,15 @@ class WorldModel(nn.Module):
         total = sum(self.loss_weights[k] * v for k, v in losses.items())
         with torch.no_grad():
             reward_pred = self.reward_head.predict(next_feat)
-            metrics = {
+            metrics = {} if frame_mse is None else {
                 "recon_mse": frame_mse.mean().item(),
                 "psnr": psnr(frame_mse).mean().item(),  # pixels: of the unclamped prediction (a lower bound)
+            }
+            metrics.update({
                 "kl": kl.mean().item(),
                 "reward_mse": (reward_pred - rewards[:, :-1]).pow(2).mean().item(),
                 "post_entropy": -(post.exp() * post).sum(-1).mean().item(),
-            }
+            })
         return total, losses, metrics, states
 
     def overshoot_loss(self, states: dict, actions: torch.Tensor) -> torch.Tensor:

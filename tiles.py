@@ -177,6 +177,18 @@ class TileCodebook(nn.Module):
                 ids[rows] = differ.argmin(1)
         return ids.view(n, *self.grid)
 
+    def tokenize_uint8(self, frames: np.ndarray, batch: int = 1024) -> torch.Tensor:
+        """Tile ids of uint8 frames (N, H, W, 3) (e.g. a dataset's "obs"), `batch` frames at a time -> (N, gh, gw)
+        int16 on the CPU: the ids `tokenize` gives the same frames as floats (`dataset.frames_to_float`)."""
+        if self.vocab > 2 ** 15:
+            raise ValueError(f"a codebook of {self.vocab} tiles does not fit int16 ids")
+        out = torch.empty(len(frames), *self.grid, dtype=torch.int16)
+        for start in range(0, len(frames), batch):
+            chunk = torch.from_numpy(np.ascontiguousarray(frames[start:start + batch])).to(self.palette.device)
+            floats = chunk.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)
+            out[start:start + batch] = self.tokenize(floats).cpu()
+        return out
+
     def render_mean(self, logits: torch.Tensor) -> torch.Tensor:
         """(N, gh, gw, V) logits over the codebook -> (N, 3, H, W) float frames: each cell the
         probability-weighted mean of the tiles (the frame with the least expected squared error; exactly a

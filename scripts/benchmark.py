@@ -9,9 +9,10 @@ Measured, each in its own forked process (so its peak RSS is its own and one can
                        per episode, all 24 frames of an action rendered and each turned into a PIL image
   collect_1_worker     scripts/collect_data.py --workers 1 (subprocess, fixed step count, its own timer)
   collect_N_workers    the same with --workers N and N times the steps (the same work per worker)
-  train_<preset>       world-model training frames/s: PokemonDataset.get_batch on the frames just collected
-                       -> frames_to_float -> forward, backward, grad clip, Adam, in a process started
-                       the way train_rssm.py starts (checkpoint.keep_freed_memory)
+  train_<preset>       world-model training frames/s: a step of train_rssm.py between logged steps on the
+                       frames just collected (train_rssm.training_inputs: the batch, as tile ids made once
+                       for a tiles model; forward without frame metrics, backward, grad clip, fused Adam),
+                       in a process started the way train_rssm.py starts (checkpoint.keep_freed_memory)
   train_faithful_original   the ORIGINAL's training loop (`original_batch`, `original_forward`) on the same
                        faithful model (NCHW, the allocator untouched) in a process of its own, its steps
                        INTERLEAVED with train_faithful's (the two take turns, step by step)
@@ -23,7 +24,9 @@ Measured, each in its own forked process (so its peak RSS is its own and one can
   decode_<preset>      decoded frames/s (imagination.decode); its config holds parameter counts and the
                        checkpoint size (what scripts/benchmark_rssm.py reported)
   --hot-paths adds: channels_last flipped (for presets but faithful in turns, step by step, with the
-                       preset's own layout: train_<preset>_channels_last_<on|off>_beside), torch.compile
+                       preset's own layout: train_<preset>_channels_last_<on|off>_beside), the step as
+                       before session 10 (train_<preset>_every_step: tokenizing each batch, frame metrics
+                       every step, multi-tensor Adam; in turns with train_<preset>_every_step_beside), torch.compile
                        (default preset), the other thread count (1 <-> 2) for the default preset (these two
                        NOT interleaved), and imagination with the default
                        preset's GRU dense (gru_blocks 1, imagine_default_dense_gru, interleaved with
@@ -338,7 +341,7 @@ def _training_way(conn, way, data_dir, preset, batch_size, seq_len, threads, cha
     """One way's training loop in its own process (measure_training's child): builds the data and the
     model, then times one whole step (data included) each time it is asked. "ours" starts the way
     train_rssm.py does (checkpoint.keep_freed_memory); "original" with the allocator untouched."""
-    from dataset import frames_to_float
+    import train_rssm
 
     if way == "original":
         channels_last = False  # the original's layout
@@ -351,7 +354,11 @@ def _training_way(conn, way, data_dir, preset, batch_size, seq_len, threads, cha
     wm = _world_model(torch, preset, ds.resolution, channels_last, frames=ds.obs)
     wm.train()
     model = torch.compile(wm) if compile_model else wm
-    optimizer = torch.optim.Adam(wm.parameters(), lr=1e-4)
+    # as train_rssm.py between logged steps: tile ids made once, no frame metrics, fused Adam ("every_step":
+    # tokens and frame metrics every step and the multi-tensor Adam, as train_rssm.py before session 10)
+    lean = way in ("ours", "flipped")
+    tile_ids = wm.tiles.tokenize_uint8(ds.obs) if lean and wm.tiles is not None else None
+    optimizer = torch.optim.Adam(wm.parameters(), lr=1e-4, fused=lean)
     rng = np.random.default_rng(0)  # the same windows in every way
     conn.send({"baseline_rss_mb": _rss_mb(), "parameters": sum(p.numel() for p in wm.parameters()),
                "resolution": "x".join(map(str, ds.resolution)), "channels_last": wm.cfg.channels_last,
@@ -365,9 +372,8 @@ def _training_way(conn, way, data_dir, preset, batch_size, seq_len, threads, cha
             total = original_forward(torch, wm, frames, actions, rewards, continues)
             optimizer.zero_grad()
         else:
-            batch = ds.get_batch(starts)
-            total, _, _, _ = model(frames_to_float(batch["obs"], "cpu"), batch["actions"], batch["rewards"],
-                                   batch["continues"])
+            total, _, _, _ = model(**train_rssm.training_inputs(ds, starts, "cpu", tile_ids, with_frames=not lean),
+                                   frame_metrics=not lean)
             optimizer.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_(wm.parameters(), wm.cfg.grad_clip)
@@ -665,6 +671,9 @@ def run(args) -> dict:
                     results[f"{name}_beside"] = paired(results[name], "ours", f"the preset's own layout, in turns with "
                                                        f"{name}", channels_last=not flipped)
                 if preset != "faithful":  # a faithful step takes minutes on this machine: one variant only
+                    name = f"train_{preset}_every_step"  # tokens, frame metrics and unfused Adam every step
+                    record(name, measure_training, preset=preset, steps=2 * steps, ways=("every_step", "ours"), **train)
+                    results[f"{name}_beside"] = paired(results[name], "ours", f"train_rssm.py's step, in turns with {name}")
                     other = 2 if threads == 1 else 1
                     record(f"train_{preset}_{other}_threads", measure_training, preset=preset, steps=steps,
                            **dict(train, threads=other))

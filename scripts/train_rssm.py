@@ -125,6 +125,21 @@ def epoch_order(count: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(count)
 
 
+def training_inputs(ds: PokemonDataset, starts, device, tile_ids=None, with_frames: bool = True) -> dict:
+    """WorldModel keyword inputs for the windows at `starts`: actions, rewards, continues (B, T); with `tile_ids`
+    (a tiles model's ids of every frame of `ds`, `TileCodebook.tokenize_uint8`) their (B, T, H/8, W/8) slice; and
+    the float frames (B, T, 3, H, W), None when tile ids stand in for them and `with_frames` is False."""
+    keys = ["actions", "rewards", "continues"] + (["obs"] if with_frames or tile_ids is None else [])
+    batch = ds.get_batch(starts, keys=keys)
+    inputs = {"frames": frames_to_float(batch["obs"], device) if "obs" in batch else None,
+              "actions": batch["actions"].to(device), "rewards": batch["rewards"].to(device),
+              "continues": batch["continues"].to(device)}
+    if tile_ids is not None:
+        rows = torch.from_numpy(np.asarray(starts, dtype=np.int64)[:, None] + np.arange(ds.seq_len))
+        inputs["tile_ids"] = tile_ids[rows].to(device)
+    return inputs
+
+
 def to_device(batch: dict, device) -> tuple:
     frames = frames_to_float(batch["obs"], device)  # (B, T, 3, H, W)
     return (frames, batch["actions"].to(device), batch["rewards"].to(device), batch["continues"].to(device))
@@ -252,7 +267,8 @@ def main(argv=None):
         fit_tiles(wm, ds, train_starts, main_process)
     wm = wm.to(device)
     base_lr = args.lr or cfg.lr
-    optimizer = torch.optim.Adam(wm.parameters(), lr=base_lr)
+    # fused: one kernel over all parameters, faster than the multi-tensor default (same rule, to rounding)
+    optimizer = torch.optim.Adam(wm.parameters(), lr=base_lr, fused=True)
     step, start_epoch, start_batch, best_val, history = 0, 0, 0, float("inf"), []
     if resume is not None:
         checkpoint.check_state_matches(wm, resume["model_state"], what=str(latest_path))
@@ -264,6 +280,12 @@ def main(argv=None):
         checkpoint.set_rng_state(extra["rng"])
         if main_process:
             drop_later_records(out_dir / "metrics.jsonl", step)
+    tile_ids = None
+    if wm.tiles is not None:  # every frame's tile ids once, so that training steps skip tokenizing
+        began = time.perf_counter()
+        tile_ids = wm.tiles.tokenize_uint8(ds.obs)
+        if main_process:
+            print(f"tile ids of {len(ds.obs)} frames ({time.perf_counter() - began:.1f} s)", flush=True)
     if rank:
         torch.manual_seed(args.seed + 7919 * rank + step)  # each rank draws its own sampling noise
     model = wm
@@ -298,14 +320,15 @@ def main(argv=None):
     for epoch in range(start_epoch, args.epochs):
         order = drawn[epoch_order(len(drawn), args.seed, epoch)]
         first = start_batch if epoch == start_epoch else 0
-        sums, seen, epoch_time = {}, 0, 0.0
+        sums, counts, seen, epoch_time = {}, {}, 0, 0.0
         bar = tqdm(range(first, batches_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", unit="batch",
                    disable=not main_process, dynamic_ncols=True)
         for i in bar:
             t0 = time.perf_counter()
             starts = order[i * global_batch + rank * args.batch_size:i * global_batch + (rank + 1) * args.batch_size]
-            frames, actions, rewards, continues = to_device(ds.get_batch(starts), device)
-            total, losses, metrics, _ = model(frames, actions, rewards, continues)
+            log_step = (step + 1) % args.log_every == 0  # frame metrics (recon_mse, psnr) only on logged steps
+            inputs = training_inputs(ds, starts, device, tile_ids, with_frames=log_step)
+            total, losses, metrics, _ = model(**inputs, frame_metrics=log_step)
             bad = nonfinite_losses(total, losses)
             elapsed = time.perf_counter() - started
             out_of_time = args.time_budget is not None and elapsed > args.time_budget * 60
@@ -336,11 +359,11 @@ def main(argv=None):
             train_seconds += dt
             values = {"total": total.item(), **{k: v.item() for k, v in losses.items()}, **metrics}
             for k, v in values.items():
-                sums[k] = sums.get(k, 0.0) + v
+                sums[k], counts[k] = sums.get(k, 0.0) + v, counts.get(k, 0) + 1
             seen += 1
             if main_process:
                 bar.set_postfix(loss=f"{values['total']:.4g}", fps=f"{frames_per_batch * seen / epoch_time:.1f}")
-                if step % args.log_every == 0:
+                if log_step:
                     log.record({"step": step, "epoch": epoch + 1, **{f"loss/{k}": v.item() for k, v in losses.items()},
                                 "loss/total": values["total"], "train/psnr": metrics["psnr"], "train/kl": metrics["kl"],
                                 "train/grad_norm": grad_norm.item(), "train/lr": lr,
@@ -359,7 +382,7 @@ def main(argv=None):
         bar.close()
         completed = not stop
         if main_process:
-            mean = {k: v / max(seen, 1) for k, v in sums.items()}
+            mean = {k: v / counts[k] for k, v in sums.items()}  # recon_mse: over the logged steps
             record = {"epoch": epoch + 1, "step": step, "loss/train": mean.get("total", float("nan")),
                       "loss/train_recon": mean.get("recon_mse", float("nan")), "loss/train_kl": mean.get("kl", float("nan")),
                       "loss/train_reward": mean.get("reward_mse", float("nan")),

@@ -76,6 +76,16 @@ def test_imagination_measures_the_model_it_is_given_and_a_variant_in_turns():
     assert variant["value"] > 0 and variant["config"]["gru_blocks"] == 1 and "variant" not in both
 
 
+def test_training_step_as_before_session_10_is_timed_in_turns(collected_data):
+    """--hot-paths' train_default_every_step: tokens, frame metrics and the multi-tensor Adam every step,
+    in turns with train_rssm.py's step (tile ids made once, no frame metrics, fused Adam)."""
+    benchmark = load_script("benchmark")
+    both = benchmark.measure_training(collected_data("144x160"), preset="default", batch_size=2, seq_len=4, steps=1,
+                                      threads=1, ways=("every_step", "ours"))
+    assert both["value"] > 0 and both["ours"] > 0 and both["config"]["way"] == "every_step"
+    assert both["config"]["interleaved_with"] == ["ours"]
+
+
 def test_bad_flags_exit_2(tmp_path):
     done = run_script("benchmark.py", "--quick", "--workers", "0", "--out", tmp_path / "b.json")
     errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]

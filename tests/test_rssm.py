@@ -56,6 +56,18 @@ def test_losses_and_weights_have_the_same_keys():
     assert cfg.free_nats == 0 and cfg.unimix == 0 and cfg.sampler == "gumbel" and cfg.recon_loss == "mean"
 
 
+def test_decoder_blocks_add_residual_blocks_on_the_coarsest_grid():
+    torch.manual_seed(0)
+    plain, deeper = (WorldModel(tiles_config(decoder_blocks=n)) for n in (0, 2))
+    channels = deeper.decoder.grid[0]
+    block = 2 * (channels * channels * 9 + channels) + 2 * 2 * channels  # two 3x3 convs and two LayerNorms
+    assert count(deeper) - count(plain) == 2 * block
+    feat = torch.randn(2, 3, deeper.feat_dim)
+    assert deeper.decode_raw(feat).shape == plain.decode_raw(feat).shape == (2, 3, 18, 20, 64)
+    with pytest.raises(ValueError, match="decoder_blocks"):
+        RSSMConfig.from_preset("tiny", decoder_blocks=-1)
+
+
 def test_config_rejects_unknown_fields_and_wrong_types():
     with pytest.raises(ValueError, match="unknown RSSMConfig field"):
         RSSMConfig.from_dict({"detr": 3})
@@ -306,6 +318,37 @@ def test_tiles_model_learns_and_its_codebook_survives_a_checkpoint(data_dir, tmp
     assert torch.equal(imagination.decode(rebuilt, feat), imagination.decode(wm, feat))
 
 
+def test_tile_ids_made_once_train_exactly_as_tokenizing_each_batch(data_dir):
+    from dataset import PokemonDataset, frames_to_float
+
+    torch.manual_seed(0)
+    ds = PokemonDataset(data_dir, seq_len=6)
+    wm = WorldModel(tiles_config())
+    wm.tiles.fit(ds.obs)
+    ids = wm.tiles.tokenize_uint8(ds.obs, batch=100)  # several batches, the last one short
+    assert ids.dtype == torch.int16 and ids.shape == (len(ds.obs), 18, 20)
+    assert torch.equal(ids.long(), wm.tiles.tokenize(frames_to_float(torch.from_numpy(ds.obs), "cpu")))
+    starts = np.arange(0, 48, 6)
+    inputs = load_script("train_rssm").training_inputs(ds, starts, "cpu", ids, with_frames=False)
+    assert inputs["frames"] is None and inputs["tile_ids"].shape == (8, 6, 18, 20)
+    batch = ds.get_batch(starts)
+    frames = frames_to_float(batch["obs"], "cpu")
+    grads = []
+    for kwargs in ({"frames": frames}, {"frames": None, "tile_ids": inputs["tile_ids"], "frame_metrics": False}):
+        torch.manual_seed(1)  # the same sampling noise
+        total, _, metrics, _ = wm(actions=batch["actions"], rewards=batch["rewards"], continues=batch["continues"], **kwargs)
+        wm.zero_grad()
+        total.backward()
+        grads.append([p.grad.clone() for p in wm.parameters() if p.grad is not None])
+        assert ("psnr" in metrics) == ("tile_ids" not in kwargs) and "kl" in metrics
+    assert len(grads[0]) == len(grads[1]) and all(torch.equal(a, b) for a, b in zip(*grads))
+    with pytest.raises(ValueError, match="frame_metrics needs the frames"):
+        wm(None, batch["actions"], batch["rewards"], batch["continues"], tile_ids=inputs["tile_ids"])
+    with pytest.raises(ValueError, match="reads pixels"):
+        WorldModel(RSSMConfig.from_preset("tiny"))(frames, batch["actions"], batch["rewards"], batch["continues"],
+                                                  tile_ids=inputs["tile_ids"])
+
+
 # --- checkpoints --------------------------------------------------------------------------
 def test_checkpoint_round_trip_and_refusals(tmp_path):
     cfg = RSSMConfig.from_preset("tiny")
@@ -369,9 +412,13 @@ def test_train_rssm_fits_the_tile_codebook_and_resume_keeps_it(data_dir, tmp_pat
     tiles = ["--set", "frame_model=\"tiles\"", "--set", "conv_channels=[8,16]", "--set", "conv_strides=[8,2]",
              "--set", "tile_vocab=64"]
     first = run_script("train_rssm.py", "--data-dir", data_dir, "--out-dir", tmp_path, *TINY_TRAIN, *tiles,
-                       "--epochs", 1, "--steps-per-epoch", 4)
+                       "--epochs", 1, "--steps-per-epoch", 4, "--log-every", 3)  # steps 1, 2, 4 read no frames
     assert first.returncode == 0, first.stderr[-3000:]
     assert "tile codebook:" in first.stdout and "kept the 64 most common" in first.stdout
+    assert "tile ids of" in first.stdout
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "train/psnr" in r] == [3]
+    assert math.isfinite(records[-1]["loss/train_recon"]) and math.isfinite(records[-1]["loss/train_kl"])
     book = checkpoint.load_checkpoint(tmp_path / "checkpoint_latest.pt")["model_state"]["tiles.tiles"]
     again = run_script("train_rssm.py", "--data-dir", data_dir, "--out-dir", tmp_path, *TINY_TRAIN, "--epochs", 2,
                        "--steps-per-epoch", 4, "--resume")
