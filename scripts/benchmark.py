@@ -10,7 +10,7 @@ Measured, each in its own forked process (so its peak RSS is its own and one can
   collect_1_worker     scripts/collect_data.py --workers 1 (subprocess, fixed step count, its own timer)
   collect_N_workers    the same with --workers N and N times the steps (the same work per worker)
   train_<preset>       world-model training frames/s: a step of train_rssm.py between logged steps on the
-                       frames just collected (train_rssm.training_inputs: the batch, as tile ids made once
+                       frames just collected (dataset.world_model_inputs: the batch, as tile ids made once
                        for a tiles model; forward without frame metrics, backward, grad clip, fused Adam),
                        in a process started the way train_rssm.py starts (checkpoint.keep_freed_memory)
   train_faithful_original   the ORIGINAL's training loop (`original_batch`, `original_forward`) on the same
@@ -57,7 +57,7 @@ import numpy as np
 
 import artifacts
 import checkpoint
-from dataset import CHUNK_FIELDS, PokemonDataset, chunk_name
+from dataset import CHUNK_FIELDS, PokemonDataset, chunk_name, world_model_inputs
 from env import (ACTIONS, DEFAULT_ROM, PRESS_FRAMES, PokemonEnv, identify_rom, make_start_states, open_emulator,
                  parse_resolution)
 from errors import UserError, cli
@@ -341,8 +341,6 @@ def _training_way(conn, way, data_dir, preset, batch_size, seq_len, threads, cha
     """One way's training loop in its own process (measure_training's child): builds the data and the
     model, then times one whole step (data included) each time it is asked. "ours" starts the way
     train_rssm.py does (checkpoint.keep_freed_memory); "original" with the allocator untouched."""
-    import train_rssm
-
     if way == "original":
         channels_last = False  # the original's layout
     else:
@@ -372,7 +370,7 @@ def _training_way(conn, way, data_dir, preset, batch_size, seq_len, threads, cha
             total = original_forward(torch, wm, frames, actions, rewards, continues)
             optimizer.zero_grad()
         else:
-            total, _, _, _ = model(**train_rssm.training_inputs(ds, starts, "cpu", tile_ids, with_frames=not lean),
+            total, _, _, _ = model(**world_model_inputs(ds, starts, "cpu", tile_ids, with_frames=not lean),
                                    frame_metrics=not lean)
             optimizer.zero_grad(set_to_none=True)
         total.backward()

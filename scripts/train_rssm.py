@@ -27,7 +27,7 @@ from tqdm import tqdm
 import artifacts
 import checkpoint
 import imagination
-from dataset import PokemonDataset, evenly, frames_to_float
+from dataset import PokemonDataset, evenly, frames_to_float, world_model_inputs
 from errors import UserError, cli
 from models import RSSM_PRESETS, RSSMConfig, WorldModel, psnr
 
@@ -123,21 +123,6 @@ def repeat_battle_windows(ds: PokemonDataset, starts: np.ndarray, repeats: int) 
 def epoch_order(count: int, seed: int, epoch: int) -> np.ndarray:
     """The deterministic shuffle of the training windows for one epoch (same on every rank)."""
     return np.random.default_rng([seed, epoch]).permutation(count)
-
-
-def training_inputs(ds: PokemonDataset, starts, device, tile_ids=None, with_frames: bool = True) -> dict:
-    """WorldModel keyword inputs for the windows at `starts`: actions, rewards, continues (B, T); with `tile_ids`
-    (a tiles model's ids of every frame of `ds`, `TileCodebook.tokenize_uint8`) their (B, T, H/8, W/8) slice; and
-    the float frames (B, T, 3, H, W), None when tile ids stand in for them and `with_frames` is False."""
-    keys = ["actions", "rewards", "continues"] + (["obs"] if with_frames or tile_ids is None else [])
-    batch = ds.get_batch(starts, keys=keys)
-    inputs = {"frames": frames_to_float(batch["obs"], device) if "obs" in batch else None,
-              "actions": batch["actions"].to(device), "rewards": batch["rewards"].to(device),
-              "continues": batch["continues"].to(device)}
-    if tile_ids is not None:
-        rows = torch.from_numpy(np.asarray(starts, dtype=np.int64)[:, None] + np.arange(ds.seq_len))
-        inputs["tile_ids"] = tile_ids[rows].to(device)
-    return inputs
 
 
 def to_device(batch: dict, device) -> tuple:
@@ -327,7 +312,7 @@ def main(argv=None):
             t0 = time.perf_counter()
             starts = order[i * global_batch + rank * args.batch_size:i * global_batch + (rank + 1) * args.batch_size]
             log_step = (step + 1) % args.log_every == 0  # frame metrics (recon_mse, psnr) only on logged steps
-            inputs = training_inputs(ds, starts, device, tile_ids, with_frames=log_step)
+            inputs = world_model_inputs(ds, starts, device, tile_ids, with_frames=log_step)
             total, losses, metrics, _ = model(**inputs, frame_metrics=log_step)
             bad = nonfinite_losses(total, losses)
             elapsed = time.perf_counter() - started

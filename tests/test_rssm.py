@@ -319,7 +319,7 @@ def test_tiles_model_learns_and_its_codebook_survives_a_checkpoint(data_dir, tmp
 
 
 def test_tile_ids_made_once_train_exactly_as_tokenizing_each_batch(data_dir):
-    from dataset import PokemonDataset, frames_to_float
+    from dataset import PokemonDataset, frames_to_float, world_model_inputs
 
     torch.manual_seed(0)
     ds = PokemonDataset(data_dir, seq_len=6)
@@ -329,7 +329,7 @@ def test_tile_ids_made_once_train_exactly_as_tokenizing_each_batch(data_dir):
     assert ids.dtype == torch.int16 and ids.shape == (len(ds.obs), 18, 20)
     assert torch.equal(ids.long(), wm.tiles.tokenize(frames_to_float(torch.from_numpy(ds.obs), "cpu")))
     starts = np.arange(0, 48, 6)
-    inputs = load_script("train_rssm").training_inputs(ds, starts, "cpu", ids, with_frames=False)
+    inputs = world_model_inputs(ds, starts, "cpu", ids, with_frames=False)
     assert inputs["frames"] is None and inputs["tile_ids"].shape == (8, 6, 18, 20)
     batch = ds.get_batch(starts)
     frames = frames_to_float(batch["obs"], "cpu")
