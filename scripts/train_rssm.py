@@ -51,6 +51,9 @@ def parse_args(argv=None):
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one RSSMConfig field (value parsed as JSON), e.g. --set deter=512; repeatable")
     p.add_argument("--seed", type=int, default=0, help="seed of model init, data order, sampling and the split")
+    p.add_argument("--split-seed", type=int, default=None,
+                   help="seed of the episode split alone (default: --seed); keep it to compare seeds on the same "
+                        "held-out episodes (evaluate_rssm.py's --seed, 0 by default)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to train")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
@@ -219,7 +222,7 @@ def main(argv=None):
             chunk = ds.files[int(np.searchsorted(ds.file_offsets, bad[0], side="right")) - 1]
             raise UserError(f"chunk {chunk} holds non-finite {key} ({len(bad)} rows in {args.data_dir}); "
                             f"delete or recollect it")
-    train_starts, val_starts = ds.split(args.val_split, seed=args.seed)
+    train_starts, val_starts = ds.split(args.val_split, seed=args.seed if args.split_seed is None else args.split_seed)
     global_batch = args.batch_size * world
     if len(train_starts) < global_batch:
         raise UserError(f"{args.data_dir} has {len(train_starts)} training windows of {args.seq_len} frames, fewer than one "
@@ -282,6 +285,7 @@ def main(argv=None):
         artifacts.write_json(out_dir / "config.json", {
             "model": cfg.to_dict(), "run": vars(args), "world_size": world, "device": str(device),
             "train_windows": int(len(train_starts)), "drawn_per_epoch": int(len(drawn)), "val_windows": int(len(val_starts)),
+            "val_episodes": sorted({int(e) for e in ds.segment_ids[val_starts]}),
             "parameters": sum(p.numel() for p in wm.parameters()),
         })
 

@@ -428,6 +428,20 @@ def test_train_rssm_fits_the_tile_codebook_and_resume_keeps_it(data_dir, tmp_pat
     assert wm.cfg.frame_model == "tiles" and torch.equal(wm.state_dict()["tiles.tiles"], book)
 
 
+def test_split_seed_keeps_the_held_out_episodes_of_another_seed(data_dir, tmp_path):
+    from dataset import PokemonDataset
+
+    ds = PokemonDataset(data_dir, seq_len=8)
+    held_out = {seed: sorted({int(e) for e in ds.segment_ids[ds.split(0.1, seed=seed)[1]]}) for seed in (0, 3)}
+    assert held_out[0] != held_out[3]  # the fixture's episodes split differently under the two seeds
+    for flags, want in ((["--seed", 3], held_out[3]), (["--seed", 3, "--split-seed", 0], held_out[0])):
+        out = tmp_path / "_".join(map(str, flags))
+        done = run_script("train_rssm.py", "--data-dir", data_dir, "--out-dir", out, *TINY_TRAIN, "--epochs", 1,
+                          "--steps-per-epoch", 1, *flags)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert json.loads((out / "config.json").read_text())["val_episodes"] == want, flags
+
+
 def test_train_rssm_stops_cleanly_on_a_non_finite_loss(data_dir, tmp_path):
     done = run_script("train_rssm.py", "--data-dir", data_dir, "--out-dir", tmp_path, *TINY_TRAIN, "--epochs", 1,
                       "--steps-per-epoch", 3, "--set", "recon_scale=NaN")
