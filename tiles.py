@@ -182,11 +182,12 @@ class TileCodebook(nn.Module):
         int16 on the CPU: the ids `tokenize` gives the same frames as floats (`dataset.frames_to_float`)."""
         if self.vocab > 2 ** 15:
             raise ValueError(f"a codebook of {self.vocab} tiles does not fit int16 ids")
+        from dataset import frames_to_float
+
         out = torch.empty(len(frames), *self.grid, dtype=torch.int16)
         for start in range(0, len(frames), batch):
-            chunk = torch.from_numpy(np.ascontiguousarray(frames[start:start + batch])).to(self.palette.device)
-            floats = chunk.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)
-            out[start:start + batch] = self.tokenize(floats).cpu()
+            chunk = np.ascontiguousarray(frames[start:start + batch])
+            out[start:start + batch] = self.tokenize(frames_to_float(chunk, self.palette.device)).cpu()
         return out
 
     def render_mean(self, logits: torch.Tensor) -> torch.Tensor:
