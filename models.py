@@ -984,10 +984,10 @@ class WorldModel(nn.Module):
         Returns (total loss, dict of losses, dict of float metrics, posterior states).
         """
         cfg = self.cfg
-        batch, steps = actions.shape
-        inputs, embeds = self._encode(frames, tile_ids)  # inputs: frames or tile ids
         if frame_metrics and frames is None:
             raise ValueError("frame_metrics needs the frames")
+        batch, steps = actions.shape
+        inputs, embeds = self._encode(frames, tile_ids)  # inputs: frames or tile ids
         states = self.rssm.observe(embeds, actions)
         feat = torch.cat([states["h"], states["z"]], -1)  # (B, T, F)
         raw = self.decode_raw(feat)

@@ -167,19 +167,25 @@ def random_steps(env, rng, steps: int) -> None:
             env.reset(seed=int(rng.integers(2**31)))
 
 
+def random_env(rom, state_file, episode_length) -> tuple[PokemonEnv, np.random.Generator, dict]:
+    """A reset PokemonEnv at native resolution for `random_steps`, its action generator, and its config."""
+    env = PokemonEnv(rom=rom, save_states=[state_file], episode_length=episode_length)
+    env.reset(seed=0)
+    config = {"episode_length": episode_length, "resolution": "x".join(map(str, env.resolution)),
+              "ticks_per_action": env.ticks_per_action, "policy": "random", "processes": 1}
+    return env, np.random.default_rng(0), config
+
+
 def measure_env_steps(rom, state_file, steps, episode_length) -> dict:
     """PokemonEnv at native resolution, uniformly random actions, resets every `episode_length`."""
-    env = PokemonEnv(rom=rom, save_states=[state_file], episode_length=episode_length)
-    rng = np.random.default_rng(0)
+    env, rng, config = random_env(rom, state_file, episode_length)
     baseline = _rss_mb()
-    env.reset(seed=0)
     began = time.perf_counter()
     random_steps(env, rng, steps)
     seconds = time.perf_counter() - began
     env.close()
     return {"value": steps / seconds, "unit": "steps/s", "baseline_rss_mb": baseline,
-            "config": {"steps": steps, "episode_length": episode_length, "resolution": "144x160",
-                       "ticks_per_action": 24, "policy": "random", "processes": 1}}
+            "config": {"steps": steps, **config}}
 
 
 def original_collect(rom, state_file, steps, episode_length, save_interval, out_dir, seed=0) -> int:
@@ -534,9 +540,7 @@ def measure_dreaming(rom, state_file, steps, episode_length, preset, batch, hori
 
     checkpoint.keep_freed_memory()  # as measure_imagination
     torch = _torch(threads)
-    env = PokemonEnv(rom=rom, save_states=[state_file], episode_length=episode_length)
-    rng = np.random.default_rng(0)
-    env.reset(seed=0)
+    env, rng, config = random_env(rom, state_file, episode_length)
     actions = torch.randint(0, len(ACTIONS), (batch, horizon))
     wm = _world_model(torch, preset, image_size).eval()
     state = wm.rssm.initial(batch)
@@ -546,8 +550,7 @@ def measure_dreaming(rom, state_file, steps, episode_length, preset, batch, hori
     env.close()
     return {"value": chunk / best["env"], "unit": "steps/s", "baseline_rss_mb": baseline,
             "imagination": batch * horizon / best["imagination"], "imagination_faults": faults["imagination"],
-            "config": {"steps": chunk * repeats, "chunks": repeats, "episode_length": episode_length,
-                       "resolution": "144x160", "ticks_per_action": 24, "policy": "random", "processes": 1,
+            "config": {"steps": chunk * repeats, "chunks": repeats, **config,
                        "way": "PokemonEnv.step, best chunk", "allocator": "keep_freed_memory", "imagination": {
                            "preset": preset, "batch": batch, "horizon": horizon, "threads": threads,
                            "gru_blocks": wm.cfg.gru_blocks, "allocator": "keep_freed_memory"}}}

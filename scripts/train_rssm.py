@@ -128,11 +128,6 @@ def epoch_order(count: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(count)
 
 
-def to_device(batch: dict, device) -> tuple:
-    frames = frames_to_float(batch["obs"], device)  # (B, T, 3, H, W)
-    return (frames, batch["actions"].to(device), batch["rewards"].to(device), batch["continues"].to(device))
-
-
 @torch.inference_mode()
 def evaluate(wm: WorldModel, ds: PokemonDataset, starts: np.ndarray, batch_size: int, max_batches: int, device) -> dict:
     """Mean validation losses and the posterior reconstruction PSNR (decoded frames clamped to [0, 1]) on up to
@@ -141,8 +136,9 @@ def evaluate(wm: WorldModel, ds: PokemonDataset, starts: np.ndarray, batch_size:
     sums, count = {}, 0
     starts = evenly(starts, max_batches * batch_size)
     for i in range(math.ceil(len(starts) / batch_size)):
-        frames, actions, rewards, continues = to_device(ds.get_batch(starts[i * batch_size:(i + 1) * batch_size]), device)
-        total, losses, metrics, states = wm(frames, actions, rewards, continues)
+        inputs = world_model_inputs(ds, starts[i * batch_size:(i + 1) * batch_size], device)
+        total, losses, metrics, states = wm(**inputs)
+        frames = inputs["frames"]
         recon = wm.decode(imagination.features(states))
         values = {"loss": total.item(), "kl": metrics["kl"], "recon": metrics["recon_mse"],
                   "reward": metrics["reward_mse"], "mse": (recon - frames).pow(2).mean().item()}
