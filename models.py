@@ -359,6 +359,7 @@ class RSSMConfig:
     stoch: int = 32  # number of categorical latents
     classes: int = 16  # classes per latent
     hidden: int = 256  # width of the prior / posterior / input MLPs
+    prior_layers: int = 1  # hidden layers of the prior MLP on h (0: the prior's logits are one linear layer of h)
     gru: str = "layernorm"  # "torch": nn.GRUCell on [z, action]; "layernorm": input MLP, then a LayerNorm GRU
     # "layernorm" only: the GRU's linear layer on [x, h] is block-diagonal in this many blocks (DreamerV3's
     # blocks); block g's gates read the g-th slices of x and h, so that layer costs 1/blocks of its FLOPs
@@ -447,6 +448,8 @@ class RSSMConfig:
                              f"and hidden ({self.hidden})")
         if self.gru_blocks > 1 and self.gru != "layernorm":
             raise ValueError("RSSMConfig.gru_blocks > 1 needs gru='layernorm'")
+        if self.prior_layers < 0:
+            raise ValueError(f"RSSMConfig.prior_layers={self.prior_layers} must be >= 0")
         if self.decoder_blocks < 0:
             raise ValueError(f"RSSMConfig.decoder_blocks={self.decoder_blocks} must be >= 0")
         if self.battle_repeats < 1:
@@ -689,7 +692,7 @@ class RSSM(nn.Module):
             self.img_in = nn.Sequential(nn.Linear(latent + cfg.num_actions, cfg.hidden),
                                         _mlp_norm(cfg.mlp_norm, cfg.hidden), _ACTIVATIONS[cfg.mlp_act]())
             self.cell = NormGRUCell(cfg.hidden, cfg.deter, blocks=cfg.gru_blocks)
-        self.prior_net = mlp(cfg.deter, cfg.hidden, 1, latent, norm=cfg.mlp_norm, act=cfg.mlp_act)
+        self.prior_net = mlp(cfg.deter, cfg.hidden, cfg.prior_layers, latent, norm=cfg.mlp_norm, act=cfg.mlp_act)
         # posterior MLP on [h, embed]; its first layer is split in two so that the embedding half runs
         # once for all T frames (`post_embed_in`) and only the h half runs inside the time loop
         self.post_embed_in = nn.Linear(embed_dim, cfg.hidden)

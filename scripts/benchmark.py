@@ -28,10 +28,10 @@ Measured, each in its own forked process (so its peak RSS is its own and one can
                        before session 10 (train_<preset>_every_step: tokenizing each batch, frame metrics
                        every step, multi-tensor Adam; in turns with train_<preset>_every_step_beside), torch.compile
                        (default preset), the other thread count (1 <-> 2) for the default preset (these two
-                       NOT interleaved), and imagination with the default
-                       preset's GRU dense (gru_blocks 1, imagine_default_dense_gru, interleaved with
-                       imagine_default); differences under ~20% in what is not interleaved are noise
-                       on a shared machine.
+                       NOT interleaved), and imagination with the default preset's GRU dense (gru_blocks 1,
+                       imagine_default_dense_gru) and with its prior one linear layer of h (prior_layers 0,
+                       imagine_default_linear_prior), both interleaved with imagine_default; differences
+                       under ~20% in what is not interleaved are noise on a shared machine.
 Ratios come from figures of the SAME run; absolute speeds depend on what else the machine runs.
 Training results also carry minor_page_faults_per_step, imagination's minor_page_faults_per_rollout (medians;
 allocator behaviour, not speed). Imagination runs with checkpoint.keep_freed_memory, as train_policy.py does.
@@ -70,6 +70,8 @@ FULL = dict(emu_steps=2000, episode_length=1000, save_interval=1000, resolution=
             train_steps={"faithful": 2, "default": 4, "pixels": 4}, imagine_batch=1024, horizon=15, repeats=10, decode_frames=32)
 QUICK = dict(emu_steps=80, episode_length=40, save_interval=40, resolution="32x32", batch_size=2, seq_len=4,
              train_steps={"faithful": 1, "default": 1, "pixels": 1}, imagine_batch=64, horizon=4, repeats=1, decode_frames=4)
+# --hot-paths: the default preset's imagination with these RSSMConfig fields changed, timed in turns with its own
+IMAGINATION_VARIANTS = {"dense_gru": {"gru_blocks": 1}, "linear_prior": {"prior_layers": 0}}
 
 
 def parse_args(argv=None):
@@ -490,10 +492,10 @@ def in_turns(loops: dict, repeats: int) -> tuple[float, dict, dict]:
 
 
 def measure_imagination(preset, batch, horizon, repeats, threads, image_size, with_original=False,
-                        overrides=None, variant=None, keep_memory=True) -> dict:
+                        overrides=None, variants=None, keep_memory=True) -> dict:
     """Best of `repeats` rollouts of `horizon` prior steps for `batch` starts -> latent steps/s.
-    with_original: the original's step (`original_prior_step`) is timed in turns with ours; variant (RSSMConfig
-    fields): so is the same preset with those fields changed (result key "variant")."""
+    with_original: the original's step (`original_prior_step`) is timed in turns with ours; variants
+    ({name: RSSMConfig fields}): so is the same preset with those fields changed (result key: the name)."""
     import imagination
 
     if keep_memory:  # as train_policy.py: a rollout's (batch, horizon, features) output is re-allocated each
@@ -513,16 +515,16 @@ def measure_imagination(preset, batch, horizon, repeats, threads, image_size, wi
                 h, z = step(h, z, actions[:, t])
 
         rollouts["original"] = original
-    if variant:
-        other = _world_model(torch, preset, image_size, overrides={**(overrides or {}), **variant}).eval()
-        rollouts["variant"] = lambda: imagination.imagine(other, state, actions)
+    for name, fields in (variants or {}).items():
+        other = _world_model(torch, preset, image_size, overrides={**(overrides or {}), **fields}).eval()
+        rollouts[name] = lambda other=other: imagination.imagine(other, state, actions)
     baseline, best, faults = in_turns(rollouts, repeats)
     result = {"value": batch * horizon / best["ours"], "unit": "latent steps/s", "baseline_rss_mb": baseline,
               "minor_page_faults_per_rollout": faults["ours"],
               "config": {"preset": preset, "batch": batch, "horizon": horizon, "repeats": repeats, "threads": threads,
                          "allocator": "keep_freed_memory" if keep_memory else "default",
-                         "deter": wm.cfg.deter, "gru_blocks": wm.cfg.gru_blocks, "stoch": wm.cfg.stoch,
-                         "classes": wm.cfg.classes, "decoding": False, "way": "imagination.imagine (inference mode)",
+                         "deter": wm.cfg.deter, "gru_blocks": wm.cfg.gru_blocks, "prior_layers": wm.cfg.prior_layers,
+                         "stoch": wm.cfg.stoch, "classes": wm.cfg.classes, "decoding": False, "way": "imagination.imagine (inference mode)",
                          "interleaved_with": [name for name in rollouts if name != "ours"]}}
     for name in rollouts:
         if name != "ours":
@@ -638,16 +640,16 @@ def run(args) -> dict:
         imag = dict(batch=s["imagine_batch"], horizon=s["horizon"], repeats=s["repeats"], threads=threads,
                     image_size=image_size)
         for index, preset in enumerate(args.presets):
-            dense = {"gru_blocks": 1} if args.hot_paths and preset == "default" else None
-            record(f"imagine_{preset}", measure_imagination, preset=preset, with_original=index == 0, variant=dense,
-                   **imag)
+            variants = IMAGINATION_VARIANTS if args.hot_paths and preset == "default" else None
+            record(f"imagine_{preset}", measure_imagination, preset=preset, with_original=index == 0,
+                   variants=variants, **imag)
             if index == 0:
                 results["imagine_original"] = paired(
                     results[f"imagine_{preset}"], "original",
                     "original: plain GRUCell + ELU MLP at the faithful sizes, autograd on")
-            if dense:
-                results["imagine_default_dense_gru"] = paired(results["imagine_default"], "variant",
-                                                              "the default preset with a dense GRU", gru_blocks=1)
+            for name, fields in (variants or {}).items():
+                results[f"imagine_default_{name}"] = paired(results["imagine_default"], name,
+                                                            f"the default preset with {name}", **fields)
         dreamer = "default" if "default" in args.presets else args.presets[0]
         record("env_steps_in_turns", measure_dreaming, steps=s["emu_steps"], preset=dreamer, **emu, **imag)
         turns = results["env_steps_in_turns"]
@@ -704,9 +706,10 @@ def run(args) -> dict:
             if "faithful" in args.presets:
                 ratios[f"train_{preset}_vs_faithful"] = ratio(results[f"train_{preset}"], results["train_faithful"],
                                                               10.0 if preset == "default" else None)
-    if "imagine_default_dense_gru" in results:
-        ratios["imagine_default_vs_dense_gru"] = ratio(results["imagine_default"], results["imagine_default_dense_gru"],
-                                                       None, "the preset's block GRU / the same model with a dense GRU")
+    for name in IMAGINATION_VARIANTS:
+        if f"imagine_default_{name}" in results:
+            ratios[f"imagine_default_vs_{name}"] = ratio(results["imagine_default"], results[f"imagine_default_{name}"],
+                                                         None, f"the default preset / the same model with {name}")
     best = "default" if "default" in args.presets else args.presets[0]
     ratios["imagined_per_emulator_step"] = ratio(results[f"imagine_{best}_in_turns"], results["env_steps_in_turns"],
                                                  200.0, f"imagine_{best}_in_turns / env_steps_in_turns (one process, "

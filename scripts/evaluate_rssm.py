@@ -11,6 +11,8 @@ tile error and map-id accuracy on the imagined features, and the PSNR of the dec
 the real one. Also: reconstruction PSNR of the posterior (overall, and on overworld / text-box / battle
 frames by the RAM, with each one's share of the squared error), and the probe's error on the posterior.
 Writes results.json, results.md (one table, checkpoints side by side) and drift.png to --out-dir.
+`--episodes train` scores the training episodes instead (the same measures; against the held-out
+figures, the generalisation gap).
 """
 from __future__ import annotations
 
@@ -38,6 +40,8 @@ def parse_args(argv=None):
     p.add_argument("--max-files", type=int, default=None, help="use only the first N data chunks")
     p.add_argument("--val-split", type=float, default=0.1, help="fraction of episodes held out (as in training)")
     p.add_argument("--seed", type=int, default=0, help="seed of the episode split and the probe")
+    p.add_argument("--episodes", choices=("val", "train"), default="val",
+                   help="imagine from and score the held-out episodes (val) or the training ones (train)")
     p.add_argument("--horizon", type=int, default=50, help="K: imagined steps to score")
     p.add_argument("--context", type=int, default=1, help="real frames observed before imagining")
     p.add_argument("--max-sequences", type=int, default=256, help="validation windows to imagine from")
@@ -103,7 +107,7 @@ def probe_scores(probe: StateProbe, feat: torch.Tensor, xs, ys, maps) -> tuple[t
     return error, (logits.argmax(-1) == maps).float()
 
 
-def evaluate_checkpoint(path: Path, ds, train_starts, val_starts, args, device) -> dict:
+def evaluate_checkpoint(path: Path, ds, train_starts, scored_starts, args, device) -> dict:
     ckpt = checkpoint.load_checkpoint(path, kind="rssm")
     wm = checkpoint.build_model(ckpt, device=device)
     if tuple(wm.cfg.image_size) != tuple(ds.resolution):
@@ -120,7 +124,7 @@ def evaluate_checkpoint(path: Path, ds, train_starts, val_starts, args, device) 
     K, C = args.horizon, args.context
     sums = {"tile_error": torch.zeros(K), "map_acc": torch.zeros(K), "mse": torch.zeros(K), "stay_tile_error": torch.zeros(K)}
     post_err, post_acc, recon_mse, scenes, count = [], [], [], [], 0
-    val = evenly(val_starts, args.max_sequences)
+    val = evenly(scored_starts, args.max_sequences)
     for i in tqdm(range(0, len(val), args.batch_size), desc=f"imagining ({path.name})", unit="batch"):
         batch = ds.get_batch(val[i:i + args.batch_size])
         frames = frames_to_float(batch["obs"], device)  # (B, C+K, 3, H, W)
@@ -169,12 +173,12 @@ def scene_cell(value: dict) -> str:
     return f"{value['psnr']:.2f} dB ({value['frames']} frames, {100 * value['error_share']:.1f}% of the squared error)"
 
 
-def markdown(results: dict, horizon: int) -> str:
+def markdown(results: dict, horizon: int, episodes: str = "val") -> str:
     labels = list(results)
     head = ("| k | no-move tile err | " + " | ".join(f"{l} tile err | {l} map acc | {l} PSNR dB" for l in labels)
             + " |")
     rule = "|---|---|" + "---|---|---|" * len(labels)
-    lines = ["# RSSM imagination drift on held-out episodes", "",
+    lines = [f"# RSSM imagination drift on {'held-out' if episodes == 'val' else 'training'} episodes", "",
              "| | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
     for key, name in [("preset", "preset"), ("parameters", "parameters"), ("sequences", "sequences"),
                       ("recon_psnr", "posterior reconstruction PSNR (dB, of the mean squared error)"),
@@ -232,7 +236,8 @@ def main(argv=None):
     labels = args.labels or [Path(c).parent.name + "/" + Path(c).stem for c in args.checkpoints]
     results = {}
     for label, path in zip(labels, args.checkpoints):
-        results[label] = evaluate_checkpoint(Path(path), ds, train_starts, val_starts, args, device)
+        scored = val_starts if args.episodes == "val" else train_starts
+        results[label] = evaluate_checkpoint(Path(path), ds, train_starts, scored, args, device)
         steps = results[label]["steps"]
         for k in sorted({min(29, args.horizon), args.horizon}):
             print(f"{label}: step {k}: tile error {steps[k - 1]['tile_error']:.2f}, map acc "
@@ -243,8 +248,9 @@ def main(argv=None):
             f"{scene} {scene_cell(v)}" for scene, v in results[label]["recon_by_scene"].items()), flush=True)
     out = Path(args.out_dir)
     artifacts.write_json(out / "results.json", {"data_dir": str(args.data_dir), "horizon": args.horizon,
-                                                "context": args.context, "results": results})
-    artifacts.write_text(out / "results.md", markdown(results, args.horizon))
+                                                "context": args.context, "episodes": args.episodes,
+                                                "results": results})
+    artifacts.write_text(out / "results.md", markdown(results, args.horizon, args.episodes))
     plot(results, out / "drift.png")
     print(f"wrote {out / 'results.md'}, results.json, drift.png", flush=True)
 

@@ -237,11 +237,13 @@ def test_imagination_rolls_the_prior_and_decodes():
     assert any(p.grad is not None for p in actor.parameters())
 
 
-@pytest.mark.parametrize("preset, blocks, tie", [("default", 8, False), ("default", 1, False), ("default", 8, True),
-                                                 ("pixels", 1, False), ("faithful", None, False), ("tiny", 1, False)])
-def test_greedy_rollout_equals_the_plain_prior_loop(preset, blocks, tie):
+@pytest.mark.parametrize("preset, overrides, tie", [
+    ("default", {}, False), ("default", {"gru_blocks": 1}, False), ("default", {}, True),
+    ("default", {"prior_layers": 0}, False), ("default", {"prior_layers": 2}, False),
+    ("pixels", {"gru_blocks": 1}, False), ("faithful", {}, False), ("tiny", {}, False)])
+def test_greedy_rollout_equals_the_plain_prior_loop(preset, overrides, tie):
     torch.manual_seed(0)
-    wm = WorldModel(RSSMConfig.from_preset(preset, **({} if blocks is None else {"gru_blocks": blocks}))).eval()
+    wm = WorldModel(RSSMConfig.from_preset(preset, **overrides)).eval()
     if tie:  # every class of every latent ties: the most likely is the first, as argmax says
         torch.nn.init.zeros_(wm.rssm.prior_net[-1].weight), torch.nn.init.zeros_(wm.rssm.prior_net[-1].bias)
     h, z = torch.randn(5, wm.cfg.deter), torch.rand(5, wm.cfg.stoch * wm.cfg.classes)  # a soft start z
@@ -552,6 +554,23 @@ def test_evaluate_rssm_writes_k_finite_rows_for_two_checkpoints(tiny_run, data_d
         scenes = res["recon_by_scene"]  # every frame in one scene, by its RAM; the shares add up
         assert [scenes[k]["frames"] for k in ("overworld", "text box", "battle")] == [28 - text - battle, text, battle]
         assert sum(v["error_share"] for v in scenes.values()) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_evaluate_rssm_scores_the_training_episodes_when_asked(tiny_run, data_dir, tmp_path):
+    done = run_script("evaluate_rssm.py", "--checkpoints", tiny_run / "best_world_model.pt", "--data-dir", data_dir,
+                      "--episodes", "train", "--horizon", 4, "--max-sequences", 4, "--probe-windows", 4,
+                      "--probe-steps", 5, "--out-dir", tmp_path, "--threads", 1)
+    assert done.returncode == 0, done.stderr[-3000:]
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["episodes"] == "train" and "on training episodes" in (tmp_path / "results.md").read_text()
+    from dataset import PokemonDataset
+
+    ds = PokemonDataset(data_dir, seq_len=5)
+    train_starts = ds.split(0.1, seed=0)[0]
+    batch = ds.get_batch(load_script("evaluate_rssm").evenly(train_starts, 4))
+    stay = ((batch["xs"][:, 1:] - batch["xs"][:, :1]).abs() + (batch["ys"][:, 1:] - batch["ys"][:, :1]).abs()).float()
+    steps = next(iter(saved["results"].values()))["steps"]
+    assert [s["stay_tile_error"] for s in steps] == pytest.approx(stay.mean(0).tolist())
 
 
 def test_demo_video_is_playable_with_the_expected_frame_count(tiny_run, cartridge_rom, start_state_file, tmp_path):
