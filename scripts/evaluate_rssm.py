@@ -44,7 +44,7 @@ def parse_args(argv=None):
                    help="imagine from and score the held-out episodes (val) or the training ones (train)")
     p.add_argument("--horizon", type=int, default=50, help="K: imagined steps to score")
     p.add_argument("--context", type=int, default=1, help="real frames observed before imagining")
-    p.add_argument("--max-sequences", type=int, default=256, help="validation windows to imagine from")
+    p.add_argument("--max-sequences", type=int, default=256, help="windows of --episodes to imagine from")
     p.add_argument("--probe-windows", type=int, default=1024, help="training windows whose frames train the probe")
     p.add_argument("--probe-steps", type=int, default=3000, help="Adam steps of probe training")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
@@ -234,9 +234,9 @@ def main(argv=None):
         raise UserError(f"{args.data_dir}: need training and validation episodes of at least "
                         f"{args.context + args.horizon} steps; lower --horizon or collect more episodes")
     labels = args.labels or [Path(c).parent.name + "/" + Path(c).stem for c in args.checkpoints]
+    scored = val_starts if args.episodes == "val" else train_starts
     results = {}
     for label, path in zip(labels, args.checkpoints):
-        scored = val_starts if args.episodes == "val" else train_starts
         results[label] = evaluate_checkpoint(Path(path), ds, train_starts, scored, args, device)
         steps = results[label]["steps"]
         for k in sorted({min(29, args.horizon), args.horizon}):
