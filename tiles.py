@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from dataset import frames_to_float
+
 TILE = 8
 SHADES = 4  # colours in a Game Boy (DMG) frame
 _PIXELS = TILE * TILE
@@ -182,8 +184,6 @@ class TileCodebook(nn.Module):
         int16 on the CPU: the ids `tokenize` gives the same frames as floats (`dataset.frames_to_float`)."""
         if self.vocab > 2 ** 15:
             raise ValueError(f"a codebook of {self.vocab} tiles does not fit int16 ids")
-        from dataset import frames_to_float
-
         out = torch.empty(len(frames), *self.grid, dtype=torch.int16)
         for start in range(0, len(frames), batch):
             chunk = np.ascontiguousarray(frames[start:start + batch])

@@ -124,9 +124,9 @@ def evaluate_checkpoint(path: Path, ds, train_starts, scored_starts, args, devic
     K, C = args.horizon, args.context
     sums = {"tile_error": torch.zeros(K), "map_acc": torch.zeros(K), "mse": torch.zeros(K), "stay_tile_error": torch.zeros(K)}
     post_err, post_acc, recon_mse, scenes, count = [], [], [], [], 0
-    val = evenly(scored_starts, args.max_sequences)
-    for i in tqdm(range(0, len(val), args.batch_size), desc=f"imagining ({path.name})", unit="batch"):
-        batch = ds.get_batch(val[i:i + args.batch_size])
+    windows = evenly(scored_starts, args.max_sequences)
+    for i in tqdm(range(0, len(windows), args.batch_size), desc=f"imagining ({path.name})", unit="batch"):
+        batch = ds.get_batch(windows[i:i + args.batch_size])
         frames = frames_to_float(batch["obs"], device)  # (B, C+K, 3, H, W)
         actions = batch["actions"].to(device)
         out = imagination.open_loop(wm, frames, actions, context=C, horizon=K)
