@@ -247,6 +247,7 @@ def test_greedy_rollout_equals_the_plain_prior_loop(preset, overrides, tie):
     if tie:  # every class of every latent ties: the most likely is the first, as argmax says
         torch.nn.init.zeros_(wm.rssm.prior_net[-1].weight), torch.nn.init.zeros_(wm.rssm.prior_net[-1].bias)
     h, z = torch.randn(5, wm.cfg.deter), torch.rand(5, wm.cfg.stoch * wm.cfg.classes)  # a soft start z
+    h0, z0 = h.clone(), z.clone()
     actions = torch.randint(0, 8, (5, 7))
     fast = imagination.imagine(wm, (h, z), actions)
     hs, zs = [], []
@@ -256,6 +257,9 @@ def test_greedy_rollout_equals_the_plain_prior_loop(preset, overrides, tie):
             hs.append(h), zs.append(z)
     torch.testing.assert_close(fast["h"], torch.stack(hs, 1), rtol=1e-5, atol=1e-5)
     assert torch.equal(fast["z"], torch.stack(zs, 1))
+    with torch.inference_mode():  # the GRU's module step, as benchmark.py times it against the fused one
+        module = wm.rssm.greedy_rollout(h0, z0, actions, fused_gru=False)
+    torch.testing.assert_close(module, fast["feat"], rtol=1e-5, atol=1e-5)
 
 
 # --- tile tokens ----------------------------------------------------------------------------
@@ -489,6 +493,24 @@ def test_battle_windows_are_drawn_repeats_times_and_the_lr_schedule_anneals(data
     for bad in ({"lr_schedule": "linear"}, {"lr_final": 1.5}, {"battle_repeats": 0}):
         with pytest.raises(ValueError):
             RSSMConfig.from_preset("tiny", **bad)
+
+
+def test_weight_decay_shrinks_matrices_and_kernels_only():
+    """weight_decay > 0: AdamW's decoupled decay. With zero gradients Adam's step is 0, so one step scales each
+    matrix and kernel by (1 - lr * decay) and leaves biases and norm gains; weight_decay 0 is plain Adam."""
+    train_rssm = load_script("train_rssm")
+    assert type(train_rssm.make_optimizer(WorldModel(RSSMConfig.from_preset("tiny")), 1e-3)) is torch.optim.Adam
+    wm = WorldModel(RSSMConfig.from_preset("tiny", weight_decay=0.5))
+    optimizer = train_rssm.make_optimizer(wm, 0.1)
+    before = {name: p.detach().clone() for name, p in wm.named_parameters()}
+    for p in wm.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    for name, p in wm.named_parameters():
+        torch.testing.assert_close(p.detach(), before[name] * (0.95 if p.ndim >= 2 else 1.0), msg=name)
+    assert any(p.ndim >= 2 for p in wm.parameters()) and any(p.ndim < 2 for p in wm.parameters())
+    with pytest.raises(ValueError, match="weight_decay"):
+        RSSMConfig.from_preset("tiny", weight_decay=-1.0)
 
 
 def test_kill_and_resume_equals_an_uninterrupted_run(data_dir, tmp_path):
