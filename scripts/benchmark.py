@@ -30,9 +30,7 @@ Measured, each in its own forked process (so its peak RSS is its own and one can
                        (default preset), the other thread count (1 <-> 2) for the default preset (these two
                        NOT interleaved), and imagination with the default preset's GRU dense (gru_blocks 1,
                        imagine_default_dense_gru) and with its prior one linear layer of h (prior_layers 0,
-                       imagine_default_linear_prior), and the same model with its GRU stepped by the module's
-                       forward instead of the fused inference step (imagine_default_module_gru), all
-                       interleaved with imagine_default; differences
+                       imagine_default_linear_prior), both interleaved with imagine_default; differences
                        under ~20% in what is not interleaved are noise on a shared machine.
 Ratios come from figures of the SAME run; absolute speeds depend on what else the machine runs.
 Training results also carry minor_page_faults_per_step, imagination's minor_page_faults_per_rollout (medians;
@@ -74,8 +72,6 @@ QUICK = dict(emu_steps=80, episode_length=40, save_interval=40, resolution="32x3
              train_steps={"faithful": 1, "default": 1, "pixels": 1}, imagine_batch=64, horizon=4, repeats=1, decode_frames=4)
 # --hot-paths: the default preset's imagination with these RSSMConfig fields changed, timed in turns with its own
 IMAGINATION_VARIANTS = {"dense_gru": {"gru_blocks": 1}, "linear_prior": {"prior_layers": 0}}
-# ... and the same model's rollout with these RSSM.greedy_rollout keywords (how a step is computed, not the model)
-ROLLOUT_VARIANTS = {"module_gru": {"fused_gru": False}}
 
 
 def parse_args(argv=None):
@@ -499,8 +495,7 @@ def measure_imagination(preset, batch, horizon, repeats, threads, image_size, wi
                         overrides=None, variants=None, keep_memory=True) -> dict:
     """Best of `repeats` rollouts of `horizon` prior steps for `batch` starts -> latent steps/s.
     with_original: the original's step (`original_prior_step`) is timed in turns with ours; variants
-    ({name: RSSMConfig fields}): so is the same preset with those fields changed (result key: the name), or, for
-    a name in ROLLOUT_VARIANTS, the same model's greedy_rollout with those keywords."""
+    ({name: RSSMConfig fields}): so is the same preset with those fields changed (result key: the name)."""
     import imagination
 
     if keep_memory:  # as train_policy.py: a rollout's (batch, horizon, features) output is re-allocated each
@@ -521,10 +516,6 @@ def measure_imagination(preset, batch, horizon, repeats, threads, image_size, wi
 
         rollouts["original"] = original
     for name, fields in (variants or {}).items():
-        if name in ROLLOUT_VARIANTS:  # the same model, another way of computing its steps
-            rollouts[name] = lambda kw=ROLLOUT_VARIANTS[name]: torch.inference_mode()(wm.rssm.greedy_rollout)(
-                *state, actions, **kw)
-            continue
         other = _world_model(torch, preset, image_size, overrides={**(overrides or {}), **fields}).eval()
         rollouts[name] = lambda other=other: imagination.imagine(other, state, actions)
     baseline, best, faults = in_turns(rollouts, repeats)
@@ -649,7 +640,7 @@ def run(args) -> dict:
         imag = dict(batch=s["imagine_batch"], horizon=s["horizon"], repeats=s["repeats"], threads=threads,
                     image_size=image_size)
         for index, preset in enumerate(args.presets):
-            variants = {**IMAGINATION_VARIANTS, **ROLLOUT_VARIANTS} if args.hot_paths and preset == "default" else None
+            variants = IMAGINATION_VARIANTS if args.hot_paths and preset == "default" else None
             record(f"imagine_{preset}", measure_imagination, preset=preset, with_original=index == 0,
                    variants=variants, **imag)
             if index == 0:
@@ -715,7 +706,7 @@ def run(args) -> dict:
             if "faithful" in args.presets:
                 ratios[f"train_{preset}_vs_faithful"] = ratio(results[f"train_{preset}"], results["train_faithful"],
                                                               10.0 if preset == "default" else None)
-    for name in {**IMAGINATION_VARIANTS, **ROLLOUT_VARIANTS}:
+    for name in IMAGINATION_VARIANTS:
         if f"imagine_default_{name}" in results:
             ratios[f"imagine_default_vs_{name}"] = ratio(results["imagine_default"], results[f"imagine_default_{name}"],
                                                          None, f"the default preset / the same model with {name}")

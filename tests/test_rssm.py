@@ -247,7 +247,6 @@ def test_greedy_rollout_equals_the_plain_prior_loop(preset, overrides, tie):
     if tie:  # every class of every latent ties: the most likely is the first, as argmax says
         torch.nn.init.zeros_(wm.rssm.prior_net[-1].weight), torch.nn.init.zeros_(wm.rssm.prior_net[-1].bias)
     h, z = torch.randn(5, wm.cfg.deter), torch.rand(5, wm.cfg.stoch * wm.cfg.classes)  # a soft start z
-    h0, z0 = h.clone(), z.clone()
     actions = torch.randint(0, 8, (5, 7))
     fast = imagination.imagine(wm, (h, z), actions)
     hs, zs = [], []
@@ -257,9 +256,6 @@ def test_greedy_rollout_equals_the_plain_prior_loop(preset, overrides, tie):
             hs.append(h), zs.append(z)
     torch.testing.assert_close(fast["h"], torch.stack(hs, 1), rtol=1e-5, atol=1e-5)
     assert torch.equal(fast["z"], torch.stack(zs, 1))
-    with torch.inference_mode():  # the GRU's module step, as benchmark.py times it against the fused one
-        module = wm.rssm.greedy_rollout(h0, z0, actions, fused_gru=False)
-    torch.testing.assert_close(module, fast["feat"], rtol=1e-5, atol=1e-5)
 
 
 # --- tile tokens ----------------------------------------------------------------------------
