@@ -482,8 +482,8 @@ _RSSM_PRESET_FIELDS = {
         sampler="gumbel", gumbel_tau=1.0, head_hidden=256, reward_head="mse", recon_loss="mean",
         kl_dyn=0.8, kl_rep=0.2, free_nats=0.0, grad_clip=10.0,
     ),
-    # DreamerV3 recipes (free nats, dyn/rep 0.5/0.1 (rep 0.5 since session 12, below), 1% unimix, symlog
-    # two-hot reward, LayerNorm + SiLU) on
+    # DreamerV3 recipes (free nats, KL dyn 0.5, 1% unimix, symlog two-hot reward, LayerNorm + SiLU; KL rep 0.5
+    # instead of its 0.1, below) on
     # tile tokens (tiles.py): an embedding per 8x8 tile, one stride-2 conv to 9x10; the decoder predicts each
     # of the 18x20 cells' tile id out of a 512-entry codebook fitted to the training frames. Cross-entropy on
     # tile ids trains fastest at lr 1e-3 (posterior PSNR 18.6 dB vs 14.8 at 3e-4 after 14 minutes).

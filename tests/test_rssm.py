@@ -581,10 +581,9 @@ def test_evaluate_rssm_scores_the_training_episodes_when_asked(tiny_run, data_di
     assert done.returncode == 0, done.stderr[-3000:]
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["episodes"] == "train" and "on training episodes" in (tmp_path / "results.md").read_text()
-    from dataset import PokemonDataset
+    from dataset import PokemonDataset, evenly
 
     ds = PokemonDataset(data_dir, seq_len=5)
-    evenly = load_script("evaluate_rssm").evenly
 
     def no_move(starts):  # the no-move baseline of 4 windows picked as evaluate_rssm.py picks them
         batch = ds.get_batch(evenly(starts, 4))
