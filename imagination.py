@@ -70,6 +70,19 @@ def decode(wm: WorldModel, feat: torch.Tensor, chunk: int = 64) -> torch.Tensor:
 
 
 @torch.inference_mode()
+def decode_tile_ids(wm: WorldModel, feat: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+    """A tiles model's features (B, T, F) -> its most likely tile id per cell (B, T, H/8, W/8), `chunk` frames
+    at a time."""
+    if wm.tiles is None:
+        raise ValueError("decode_tile_ids needs a world model with frame_model='tiles'")
+    batch, steps = feat.shape[:2]
+    flat = feat.reshape(batch * steps, 1, -1)
+    size = int(wm.tiles.size)
+    out = [wm.decode_raw(flat[i:i + chunk].transpose(0, 1))[..., :size].argmax(-1) for i in range(0, flat.shape[0], chunk)]
+    return torch.cat(out, 1).reshape(batch, steps, *out[0].shape[2:])
+
+
+@torch.inference_mode()
 def open_loop(wm: WorldModel, frames: torch.Tensor, actions: torch.Tensor, context: int = 1,
               horizon: int | None = None, sample: bool = False, decode_frames: bool = True) -> dict:
     """Observe frames[:, :context], then imagine `horizon` steps with actions[:, context-1:].

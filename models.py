@@ -354,6 +354,9 @@ class RSSMConfig:
     decoder_output: str = "linear"  # "sigmoid" | "linear" (prediction = 0.5 + output, clamped only for display)
     channels_last: bool = True  # memory format of the conv stacks (a speed choice only)
     decoder_blocks: int = 0  # residual blocks (two 3x3 convs + norm each) on the decoder's coarsest grid
+    # > 0: the decoder first maps the features through a hidden layer of this width (Linear -> norm -> act,
+    # the MLPs' norm and activation), then to its coarsest grid; 0: one linear layer from the features to the grid
+    decoder_hidden: int = 0
     # recurrent state-space model
     deter: int = 256  # GRU state size D
     stoch: int = 32  # number of categorical latents
@@ -377,6 +380,10 @@ class RSSMConfig:
     # losses: total = sum(weight[k] * loss[k]), see WorldModel.loss_weights
     recon_loss: str = "sum"  # "mean": mean pixel MSE | "sum": squared error summed over each frame
     recon_scale: float = 1.0
+    # "tiles" only: in the reconstruction loss, a cell whose tile differs from the previous frame's once the
+    # camera's scroll is undone (`sprite_changes`: a character that moved or turned, a text box) weighs this
+    # much, every other cell 1 (1: all cells alike)
+    recon_change_weight: float = 1.0
     kl_scale: float = 1.0  # multiplies both KL terms
     kl_dyn: float = 0.5  # weight of KL(sg(post) || prior): trains the prior
     kl_rep: float = 0.1  # weight of KL(post || sg(prior)): regularises the posterior
@@ -453,10 +460,15 @@ class RSSMConfig:
             raise ValueError("RSSMConfig.gru_blocks > 1 needs gru='layernorm'")
         if self.prior_layers < 0:
             raise ValueError(f"RSSMConfig.prior_layers={self.prior_layers} must be >= 0")
-        if self.decoder_blocks < 0:
-            raise ValueError(f"RSSMConfig.decoder_blocks={self.decoder_blocks} must be >= 0")
+        if self.decoder_blocks < 0 or self.decoder_hidden < 0:
+            raise ValueError(f"RSSMConfig.decoder_blocks={self.decoder_blocks} and decoder_hidden={self.decoder_hidden} "
+                             "must be >= 0")
         if self.weight_decay < 0:
             raise ValueError(f"RSSMConfig.weight_decay={self.weight_decay} must be >= 0")
+        if self.recon_change_weight < 0:
+            raise ValueError(f"RSSMConfig.recon_change_weight={self.recon_change_weight} must be >= 0")
+        if self.recon_change_weight != 1.0 and self.frame_model != "tiles":
+            raise ValueError("RSSMConfig.recon_change_weight applies to frame_model='tiles' only; leave it at 1.0")
         if self.battle_repeats < 1:
             raise ValueError(f"RSSMConfig.battle_repeats={self.battle_repeats} must be at least 1")
         if not 0 <= self.lr_final <= 1:
@@ -495,7 +507,9 @@ _RSSM_PRESET_FIELDS = {
     # and half-width MLPs (hidden=128) drift more on held-out episodes. The posterior's pull to the prior 5x
     # DreamerV3's (kl_rep 0.5; sessions 11-12, two seeds of 20 minutes: tile error 3.49 / 4.71 at steps 29 / 50
     # and map accuracy 0.911 against 3.64 / 5.13 and 0.879 with 0.1, the seeds' means). Tried and not adopted
-    # (session 12): AdamW's weight decay (weight_decay=0.05) drifts more.
+    # (session 12): AdamW's weight decay (weight_decay=0.05) drifts more. Tried and not adopted (session 13, one
+    # seed each): weighting the cells that moved against the background 5x (recon_change_weight=5), a hidden
+    # layer before the decoder's grid (decoder_hidden=768) and kl_rep 0.75 reconstruct or imagine worse.
     "default": dict(frame_model="tiles", conv_channels=(64, 128), conv_strides=(8, 2), lr=1e-3, overshoot=5,
                     gru_blocks=8, kl_rep=0.5),
     # The same RSSM and heads on RGB pixels (MSE): a stride-4 patch conv then two stride-2 convs down to
@@ -604,7 +618,12 @@ class Decoder(nn.Module):
     def __init__(self, cfg: RSSMConfig, grid: tuple[int, int, int]):
         super().__init__()
         self.grid = grid
-        self.fc = nn.Linear(cfg.deter + cfg.stoch * cfg.classes, math.prod(grid))
+        feat = cfg.deter + cfg.stoch * cfg.classes
+        if cfg.decoder_hidden:
+            self.fc = nn.Sequential(nn.Linear(feat, cfg.decoder_hidden), _mlp_norm(cfg.mlp_norm, cfg.decoder_hidden),
+                                    _ACTIVATIONS[cfg.mlp_act](), nn.Linear(cfg.decoder_hidden, math.prod(grid)))
+        else:
+            self.fc = nn.Linear(feat, math.prod(grid))
         channels = list(reversed(cfg.conv_channels))  # e.g. 256, 128, 64, 32
         strides = list(reversed(cfg.conv_strides))
         layers = [] if cfg.conv_residual else [_conv_norm(cfg.conv_norm, channels[0]), _ACTIVATIONS[cfg.conv_act]()]
@@ -921,6 +940,40 @@ class ScalarHead(nn.Module):
         return (out.squeeze(-1) - target) ** 2
 
 
+# how far the camera can move between two consecutive frames (one action): not at all, or one walk step (16 pixels
+# = 2 tiles) along x or y
+_SCROLLS = ((0, 0), (0, 2), (0, -2), (2, 0), (-2, 0))
+
+
+def aligned_previous(ids: torch.Tensor) -> torch.Tensor:
+    """(B, T, gh, gw) tile ids -> the previous frame's tile ids moved to this frame's camera (B, T, gh, gw),
+    by the scroll in `_SCROLLS` under which the fewest cells differ (the first on a tie); -1 at t = 0 and on
+    the cells scrolled in."""
+    cur, prev = ids[:, 1:], ids[:, :-1]
+    gh, gw = ids.shape[-2:]
+    best, best_count = None, None
+    for dy, dx in _SCROLLS:  # cur[y, x] shows what prev showed at [y + dy, x + dx]
+        moved = torch.full_like(cur, -1)
+        moved[..., max(0, -dy):gh - max(0, dy), max(0, -dx):gw - max(0, dx)] = \
+            prev[..., max(0, dy):gh - max(0, -dy), max(0, dx):gw - max(0, -dx)]
+        count = ((moved != cur) & (moved >= 0)).sum((-2, -1))  # (B, T - 1)
+        if best is None:
+            best, best_count = moved, count
+        else:
+            fewer = count < best_count
+            best = torch.where(fewer[..., None, None], moved, best)
+            best_count = torch.minimum(count, best_count)
+    return torch.cat([torch.full_like(ids[:, :1], -1), best], 1)
+
+
+def sprite_changes(ids: torch.Tensor) -> torch.Tensor:
+    """(B, T, gh, gw) tile ids -> bool (B, T, gh, gw): the cells whose tile differs from the previous frame's
+    once the camera's scroll is undone (`aligned_previous`): what moved against the background. False at
+    t = 0 and on the cells scrolled in."""
+    prev = aligned_previous(ids)
+    return (prev >= 0) & (prev != ids)
+
+
 class WorldModel(nn.Module):
     """Encoder + RSSM + decoder + reward and continue heads; `forward` returns the training loss."""
 
@@ -1008,6 +1061,9 @@ class WorldModel(nn.Module):
         if self.tiles is not None:  # cross-entropy of each cell's tile, summed (or averaged) over the grid
             cell_loss = F.cross_entropy(raw.reshape(-1, raw.shape[-1]), inputs.flatten(), reduction="none")
             cell_loss = cell_loss.view(batch, steps, -1)  # (B, T, cells)
+            if cfg.recon_change_weight != 1.0:
+                changed = sprite_changes(inputs.view(batch, steps, *inputs.shape[1:])).view(batch, steps, -1)
+                cell_loss = torch.where(changed, cfg.recon_change_weight * cell_loss, cell_loss)
             recon = cell_loss.sum(-1).mean() if cfg.recon_loss == "sum" else cell_loss.mean()
             frame_mse = None
             if frame_metrics:

@@ -9,7 +9,11 @@ episodes to regress the player's (x, y) tile and classify the map id. On validat
 imagines --horizon steps with the logged actions. Per imagined step k = 1..K: the probe's Manhattan
 tile error and map-id accuracy on the imagined features, and the PSNR of the decoded frame against
 the real one. Also: reconstruction PSNR of the posterior (overall, and on overworld / text-box / battle
-frames by the RAM, with each one's share of the squared error), and the probe's error on the posterior.
+frames by the RAM, with each one's share of the squared error), and the probe's error on the posterior;
+for a tiles model also which tiles the posterior gets wrong: how many per frame, how many of them on cells
+that moved against the background (a character walking or turning, a text box; `models.sprite_changes`),
+and how many of those still show the previous frame's tile (a belief that did not take in the change); and
+the tile error on the quiet windows alone (no battle, text box or map change in any of their frames).
 Writes results.json, results.md (one table, checkpoints side by side) and drift.png to --out-dir.
 `--episodes train` scores the training episodes instead (the same measures; against the held-out
 figures, the generalisation gap).
@@ -29,7 +33,7 @@ import checkpoint
 import imagination
 from dataset import PokemonDataset, evenly, frames_to_float
 from errors import UserError, cli
-from models import StateProbe, StateProbeConfig, psnr
+from models import StateProbe, StateProbeConfig, aligned_previous, psnr
 
 
 def parse_args(argv=None):
@@ -123,7 +127,9 @@ def evaluate_checkpoint(path: Path, ds, train_starts, scored_starts, args, devic
 
     K, C = args.horizon, args.context
     sums = {"tile_error": torch.zeros(K), "map_acc": torch.zeros(K), "mse": torch.zeros(K), "stay_tile_error": torch.zeros(K)}
+    quiet_sums, quiet_count = {"quiet_tile_error": torch.zeros(K), "quiet_stay_tile_error": torch.zeros(K)}, 0
     post_err, post_acc, recon_mse, scenes, count = [], [], [], [], 0
+    tile_sums = dict.fromkeys(("frames", "wrong", "frames_right", "changed", "wrong_changed", "stale"), 0)
     windows = evenly(scored_starts, args.max_sequences)
     for i in tqdm(range(0, len(windows), args.batch_size), desc=f"imagining ({path.name})", unit="batch"):
         batch = ds.get_batch(windows[i:i + args.batch_size])
@@ -140,9 +146,23 @@ def evaluate_checkpoint(path: Path, ds, train_starts, scored_starts, args, devic
         stay = (xs - batch["xs"][:, C - 1:C].float()).abs() + (ys - batch["ys"][:, C - 1:C].float()).abs()
         sums["stay_tile_error"] += stay.sum(0)
         count += len(frames)
+        # quiet windows: no battle, text box or map change in any frame (events a greedy prior cannot foresee)
+        quiet = ~(batch["in_battles"].any(1) | batch["dialog_opens"].any(1) | (batch["map_ids"] != batch["map_ids"][:, :1]).any(1))
+        quiet_sums["quiet_tile_error"] += error[quiet].sum(0)
+        quiet_sums["quiet_stay_tile_error"] += stay[quiet].sum(0)
+        quiet_count += int(quiet.sum())
         # the posterior over the whole window: reconstruction quality and what the probe reads from it
         ctx = imagination.observe(wm, frames, actions)
         recon_mse.append((imagination.decode(wm, ctx["feat"]) - frames).pow(2).mean((-3, -2, -1)).flatten().cpu())
+        if wm.tiles is not None:  # which tiles the posterior gets wrong: do they move, does it show the last frame's?
+            ids = imagination.decode_tile_ids(wm, ctx["feat"])
+            true = wm.tiles.tokenize(frames.flatten(0, 1)).view(ids.shape)
+            prev = aligned_previous(true)
+            wrong, changed = ids != true, (prev >= 0) & (prev != true)
+            for key, value in (("frames", true.shape[0] * true.shape[1]), ("wrong", wrong.sum()),
+                               ("frames_right", (~wrong.flatten(2).any(-1)).sum()), ("changed", changed.sum()),
+                               ("wrong_changed", (wrong & changed).sum()), ("stale", (wrong & changed & (ids == prev)).sum())):
+                tile_sums[key] += int(value)
         scenes.append(scene_of(batch).flatten())
         e, a = probe_scores(probe, ctx["feat"].cpu(), batch["xs"].float(), batch["ys"].float(), batch["map_ids"])
         post_err.append(e.flatten()), post_acc.append(a.flatten())
@@ -151,6 +171,8 @@ def evaluate_checkpoint(path: Path, ds, train_starts, scored_starts, args, devic
     steps = [{"k": k + 1, **{name: (v[k] / count).item() for name, v in sums.items()}} for k in range(K)]
     for step in steps:
         step["psnr"] = psnr(torch.tensor(step["mse"])).item()
+        for name, v in quiet_sums.items():
+            step[name] = (v[step["k"] - 1] / quiet_count).item() if quiet_count else None
     recon_mse, scenes = torch.cat(recon_mse), torch.cat(scenes)
     by_scene = {}
     for index, name in enumerate(SCENES):
@@ -158,10 +180,17 @@ def evaluate_checkpoint(path: Path, ds, train_starts, scored_starts, args, devic
         by_scene[name] = {"frames": int(len(picked)),
                           "psnr": psnr(picked.mean()).item() if len(picked) else None,
                           "error_share": (picked.sum() / recon_mse.sum().clamp(min=1e-12)).item()}
+    recon_tiles = None
+    if tile_sums["frames"]:
+        n, wrong = tile_sums["frames"], max(tile_sums["wrong"], 1)
+        recon_tiles = {"wrong_per_frame": tile_sums["wrong"] / n, "frames_all_right": tile_sums["frames_right"] / n,
+                       "changed_per_frame": tile_sums["changed"] / n, "wrong_on_changes": tile_sums["wrong_changed"] / wrong,
+                       "stale_of_wrong_changes": tile_sums["stale"] / max(tile_sums["wrong_changed"], 1)}
     return {
         "checkpoint": str(path), "preset": wm.cfg.preset, "parameters": sum(p.numel() for p in wm.parameters()),
-        "sequences": count, "context": C, "recon_psnr": psnr(recon_mse.mean()).item(),
+        "sequences": count, "quiet_sequences": quiet_count, "context": C, "recon_psnr": psnr(recon_mse.mean()).item(),
         "recon_exact_frames": (recon_mse == 0).float().mean().item(), "recon_by_scene": by_scene,
+        "recon_tiles": recon_tiles,
         "posterior_tile_error": torch.cat(post_err).mean().item(), "posterior_map_acc": torch.cat(post_acc).mean().item(),
         "steps": steps,
     }
@@ -171,6 +200,15 @@ def scene_cell(value: dict) -> str:
     if value["psnr"] is None:
         return "no frames"
     return f"{value['psnr']:.2f} dB ({value['frames']} frames, {100 * value['error_share']:.1f}% of the squared error)"
+
+
+TILE_ROWS = (  # tiles models only: the posterior's most likely tile per cell against the frame's
+    ("wrong_per_frame", "posterior: wrong tiles per frame (of 360)"),
+    ("frames_all_right", "posterior: frames with every tile right (fraction)"),
+    ("changed_per_frame", "tiles per frame that moved against the background (the frames', scroll undone)"),
+    ("wrong_on_changes", "posterior: share of its wrong tiles on those moved cells"),
+    ("stale_of_wrong_changes", "posterior: share of its wrong moved cells showing the previous frame's tile"),
+)
 
 
 def markdown(results: dict, horizon: int, episodes: str = "val") -> str:
@@ -187,6 +225,9 @@ def markdown(results: dict, horizon: int, episodes: str = "val") -> str:
                       ("posterior_map_acc", "probe map accuracy on the posterior")]:
         cells = [f"{results[l][key]:.3f}" if isinstance(results[l][key], float) else str(results[l][key]) for l in labels]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    for key, name in TILE_ROWS:
+        cells = [f"{results[l]['recon_tiles'][key]:.3f}" if results[l].get("recon_tiles") else "-" for l in labels]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     for scene in SCENES:
         cells = [scene_cell(results[l]["recon_by_scene"][scene]) for l in labels]
         lines.append(f"| posterior reconstruction PSNR on {scene} frames | " + " | ".join(cells) + " |")
@@ -199,6 +240,15 @@ def markdown(results: dict, horizon: int, episodes: str = "val") -> str:
             s = results[l]["steps"][k]
             cells.append(f"{s['tile_error']:.2f} | {s['map_acc']:.3f} | {s['psnr']:.2f}")
         lines.append(f"| {k + 1} | " + " | ".join(cells) + " |")
+    picked = [k for k in (1, 5, 10, 29, 50) if k <= horizon]
+    lines += ["", "Tile error on the quiet windows only (no battle, text box or map change in any frame: events the",
+              "prior, following its most likely latents, cannot foresee), at steps " + ", ".join(map(str, picked)) + ":", "",
+              "| | quiet windows | " + " | ".join(f"k = {k}" for k in picked) + " |", "|---|---|" + "---|" * len(picked)]
+    first = results[labels[0]]
+    rows = [("no-move", first, "quiet_stay_tile_error")] + [(l, results[l], "quiet_tile_error") for l in labels]
+    for name, res, key in rows:
+        cells = [f"{res['steps'][k - 1][key]:.2f}" if res["steps"][k - 1][key] is not None else "-" for k in picked]
+        lines.append(f"| {name} | {res['quiet_sequences']} of {res['sequences']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -242,8 +292,18 @@ def main(argv=None):
         for k in sorted({min(29, args.horizon), args.horizon}):
             print(f"{label}: step {k}: tile error {steps[k - 1]['tile_error']:.2f}, map acc "
                   f"{steps[k - 1]['map_acc']:.3f}, PSNR {steps[k - 1]['psnr']:.2f} dB", flush=True)
+        if results[label]["quiet_sequences"]:
+            print(f"{label}: on the {results[label]['quiet_sequences']} quiet windows (no battle, text box or map change): "
+                  + ", ".join(f"step {k} {steps[k - 1]['quiet_tile_error']:.2f}" for k in sorted({min(29, args.horizon), args.horizon}))
+                  + " tiles", flush=True)
         print(f"{label}: posterior reconstruction PSNR {results[label]['recon_psnr']:.2f} dB, probe tile error on the "
               f"posterior {results[label]['posterior_tile_error']:.2f}", flush=True)
+        tiles = results[label]["recon_tiles"]
+        if tiles:
+            print(f"{label}: posterior tiles: {tiles['wrong_per_frame']:.2f} wrong per frame, "
+                  f"{tiles['frames_all_right']:.3f} of frames all right; {tiles['wrong_on_changes']:.3f} of the wrong "
+                  f"tiles on cells that moved against the background, {tiles['stale_of_wrong_changes']:.3f} of those "
+                  f"showing the previous frame's tile", flush=True)
         print(f"{label}: reconstruction by scene: " + "; ".join(
             f"{scene} {scene_cell(v)}" for scene, v in results[label]["recon_by_scene"].items()), flush=True)
     out = Path(args.out_dir)

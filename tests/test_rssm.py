@@ -68,6 +68,18 @@ def test_decoder_blocks_add_residual_blocks_on_the_coarsest_grid():
         RSSMConfig.from_preset("tiny", decoder_blocks=-1)
 
 
+def test_decoder_hidden_puts_a_hidden_layer_before_the_grid():
+    torch.manual_seed(0)
+    plain, hidden = (WorldModel(tiles_config(decoder_hidden=n)) for n in (0, 24))
+    feat_dim, cells = plain.feat_dim, math.prod(plain.decoder.grid)
+    # feat -> grid becomes feat -> 24 (+ a LayerNorm's gain and bias) -> grid
+    assert count(hidden) - count(plain) == (feat_dim * 24 + 24) + 2 * 24 + (24 * cells + cells) - (feat_dim * cells + cells)
+    feat = torch.randn(2, 3, feat_dim)
+    assert hidden.decode_raw(feat).shape == plain.decode_raw(feat).shape == (2, 3, 18, 20, 64)
+    with pytest.raises(ValueError, match="decoder_hidden"):
+        RSSMConfig.from_preset("tiny", decoder_hidden=-1)
+
+
 def test_config_rejects_unknown_fields_and_wrong_types():
     with pytest.raises(ValueError, match="unknown RSSMConfig field"):
         RSSMConfig.from_dict({"detr": 3})
@@ -320,6 +332,53 @@ def test_tiles_model_learns_and_its_codebook_survives_a_checkpoint(data_dir, tmp
     assert torch.equal(imagination.decode(rebuilt, feat), imagination.decode(wm, feat))
 
 
+def test_sprite_changes_undo_the_scroll_and_flag_what_moved():
+    from models import aligned_previous, sprite_changes
+
+    torch.manual_seed(0)
+    first = torch.randint(0, 50, (18, 20))
+    walked = torch.randint(50, 100, (18, 20))  # the camera moved 2 tiles right: new columns at the right edge
+    walked[:, :18] = first[:, 2:]
+    walked[5, 7] = 100  # and one cell changed against the background
+    turned = walked.clone()
+    turned[10:12, 4:6] = 101  # a 16x16 character turned; the camera stayed
+    ids = torch.stack([first, walked, turned]).unsqueeze(0)  # (1, 3, 18, 20)
+    prev = aligned_previous(ids)
+    assert (prev[0, 0] == -1).all() and (prev[0, 1, :, 18:] == -1).all()
+    assert torch.equal(prev[0, 1, :, :18], first[:, 2:]) and torch.equal(prev[0, 2], walked)
+    changed = sprite_changes(ids)[0]
+    assert not changed[0].any()
+    assert changed[1].sum() == 1 and changed[1, 5, 7]
+    assert changed[2].sum() == 4 and changed[2, 10:12, 4:6].all()
+
+
+def test_recon_change_weight_weighs_the_moved_cells(data_dir):
+    from dataset import PokemonDataset
+    from models import sprite_changes
+
+    torch.manual_seed(0)
+    ds = PokemonDataset(data_dir, seq_len=6)
+    models = {w: WorldModel(tiles_config(recon_change_weight=w)).eval() for w in (1.0, 4.0)}
+    models[1.0].tiles.fit(ds.obs)
+    models[4.0].load_state_dict(models[1.0].state_dict())
+    batch = ds.get_batch(np.arange(0, 48, 6))
+    ids = models[1.0].tiles.tokenize_uint8(ds.obs)[torch.from_numpy(np.arange(0, 48, 6)[:, None] + np.arange(6))]
+    args = dict(frames=None, actions=batch["actions"], rewards=batch["rewards"], continues=batch["continues"],
+                tile_ids=ids, frame_metrics=False)
+    recon = {w: wm(**args)[1]["recon"] for w, wm in models.items()}  # eval mode: the most likely latents, no noise
+    states = models[1.0](**args)[3]
+    raw = models[1.0].decode_raw(imagination.features(states))  # (B, T, 18, 20, V)
+    cell = torch.nn.functional.cross_entropy(raw.flatten(0, 3), ids.long().flatten(), reduction="none").view(ids.shape)
+    moved = sprite_changes(ids.long())
+    assert moved.any() and not moved.all()
+    torch.testing.assert_close(recon[1.0], cell.sum((-2, -1)).mean())
+    torch.testing.assert_close(recon[4.0], torch.where(moved, 4.0 * cell, cell).sum((-2, -1)).mean())
+    with pytest.raises(ValueError, match="recon_change_weight"):
+        tiles_config(recon_change_weight=-1.0)
+    with pytest.raises(ValueError, match="tiles' only"):
+        RSSMConfig.from_preset("tiny", recon_change_weight=2.0)
+
+
 def test_tile_ids_made_once_train_exactly_as_tokenizing_each_batch(data_dir):
     from dataset import PokemonDataset, frames_to_float, world_model_inputs
 
@@ -428,6 +487,23 @@ def test_train_rssm_fits_the_tile_codebook_and_resume_keeps_it(data_dir, tmp_pat
     assert "tile codebook:" not in again.stdout  # the resumed run keeps the checkpoint's codebook
     wm = checkpoint.build_model(checkpoint.load_checkpoint(tmp_path / "best_world_model.pt"))
     assert wm.cfg.frame_model == "tiles" and torch.equal(wm.state_dict()["tiles.tiles"], book)
+    # evaluate_rssm.py counts the posterior's wrong tiles of a tiles model
+    done = run_script("evaluate_rssm.py", "--checkpoints", tmp_path / "best_world_model.pt", "--data-dir", data_dir,
+                      "--horizon", 4, "--max-sequences", 4, "--probe-windows", 4, "--probe-steps", 5,
+                      "--out-dir", tmp_path / "eval", "--threads", 1)
+    assert done.returncode == 0, done.stderr[-3000:]
+    tiles_row = next(iter(json.loads((tmp_path / "eval" / "results.json").read_text())["results"].values()))["recon_tiles"]
+    from dataset import PokemonDataset, evenly, frames_to_float
+
+    ds = PokemonDataset(data_dir, seq_len=5)
+    batch = ds.get_batch(evenly(ds.split(0.1, seed=0)[1], 4))
+    frames = frames_to_float(batch["obs"], "cpu")
+    ids = imagination.decode_tile_ids(wm.eval(), imagination.observe(wm, frames, batch["actions"])["feat"])
+    wrong = (ids != wm.tiles.tokenize(frames.flatten(0, 1)).view(ids.shape)).float()
+    assert tiles_row["wrong_per_frame"] == pytest.approx(wrong.sum((-2, -1)).mean().item())
+    assert tiles_row["frames_all_right"] == pytest.approx((wrong.sum((-2, -1)) == 0).float().mean().item())
+    assert 0 <= tiles_row["wrong_on_changes"] <= 1 and 0 <= tiles_row["stale_of_wrong_changes"] <= 1
+    assert "wrong tiles per frame" in (tmp_path / "eval" / "results.md").read_text()
 
 
 def test_split_seed_keeps_the_held_out_episodes_of_another_seed(data_dir, tmp_path):
@@ -557,6 +633,7 @@ def test_evaluate_rssm_writes_k_finite_rows_for_two_checkpoints(tiny_run, data_d
         assert [s["k"] for s in res["steps"]] == [1, 2, 3, 4, 5, 6]
         values = [v for s in res["steps"] for v in (s["tile_error"], s["map_acc"], s["psnr"])]
         assert all(np.isfinite(values)) and np.isfinite(res["recon_psnr"])
+        assert res["recon_tiles"] is None  # a pixels model has no tiles to count
     assert "| 6 |" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "drift.png").stat().st_size > 0
     # the no-move baseline: |position at k - position at the context frame|, over the same windows
@@ -572,6 +649,14 @@ def test_evaluate_rssm_writes_k_finite_rows_for_two_checkpoints(tiny_run, data_d
         scenes = res["recon_by_scene"]  # every frame in one scene, by its RAM; the shares add up
         assert [scenes[k]["frames"] for k in ("overworld", "text box", "battle")] == [28 - text - battle, text, battle]
         assert sum(v["error_share"] for v in scenes.values()) == pytest.approx(1.0, abs=1e-4)
+    # quiet windows: no battle, text box or map change in any frame; their no-move baseline
+    quiet = ~(batch["in_battles"].any(1) | batch["dialog_opens"].any(1) | (batch["map_ids"] != batch["map_ids"][:, :1]).any(1))
+    assert 0 < int(quiet.sum()) < 4  # the fixture's windows have both kinds
+    for res in results.values():
+        assert res["quiet_sequences"] == int(quiet.sum())
+        assert [s["quiet_stay_tile_error"] for s in res["steps"]] == pytest.approx(stay[quiet].mean(0).tolist())
+        assert all(np.isfinite(s["quiet_tile_error"]) for s in res["steps"])
+    assert "quiet windows" in (tmp_path / "results.md").read_text()
 
 
 def test_evaluate_rssm_scores_the_training_episodes_when_asked(tiny_run, data_dir, tmp_path):
