@@ -61,25 +61,23 @@ def imagine(wm: WorldModel, state: tuple[torch.Tensor, torch.Tensor], actions: t
 
 
 @torch.inference_mode()
-def decode(wm: WorldModel, feat: torch.Tensor, chunk: int = 64) -> torch.Tensor:
-    """Features (B, T, F) -> frames (B, T, 3, H, W) in [0, 1], decoded `chunk` frames at a time."""
+def decode(wm: WorldModel, feat: torch.Tensor, chunk: int = 64, tile_ids: bool = False):
+    """Features (B, T, F) -> frames (B, T, 3, H, W) in [0, 1], decoded `chunk` frames at a time. With `tile_ids`
+    (a tiles model): (frames, each cell's most likely tile id (B, T, H/8, W/8)), both from one decoder pass."""
+    if tile_ids and wm.tiles is None:
+        raise ValueError("tile_ids=True needs a world model with frame_model='tiles'")
     batch, steps = feat.shape[:2]
     flat = feat.reshape(batch * steps, 1, -1)
-    out = [wm.decode(flat[i:i + chunk].transpose(0, 1)) for i in range(0, flat.shape[0], chunk)]
-    return torch.cat(out, 1).reshape(batch, steps, 3, *wm.cfg.image_size)
-
-
-@torch.inference_mode()
-def decode_tile_ids(wm: WorldModel, feat: torch.Tensor, chunk: int = 64) -> torch.Tensor:
-    """A tiles model's features (B, T, F) -> its most likely tile id per cell (B, T, H/8, W/8), `chunk` frames
-    at a time."""
-    if wm.tiles is None:
-        raise ValueError("decode_tile_ids needs a world model with frame_model='tiles'")
-    batch, steps = feat.shape[:2]
-    flat = feat.reshape(batch * steps, 1, -1)
-    size = int(wm.tiles.size)
-    out = [wm.decode_raw(flat[i:i + chunk].transpose(0, 1))[..., :size].argmax(-1) for i in range(0, flat.shape[0], chunk)]
-    return torch.cat(out, 1).reshape(batch, steps, *out[0].shape[2:])
+    frames, ids = [], []
+    for i in range(0, flat.shape[0], chunk):
+        raw = wm.decode_raw(flat[i:i + chunk].transpose(0, 1))
+        frames.append(wm.frames_from_output(raw).clamp(0.0, 1.0))  # = wm.decode
+        if tile_ids:
+            ids.append(raw[..., :int(wm.tiles.size)].argmax(-1))
+    frames = torch.cat(frames, 1).reshape(batch, steps, 3, *wm.cfg.image_size)
+    if not tile_ids:
+        return frames
+    return frames, torch.cat(ids, 1).reshape(batch, steps, *ids[0].shape[2:])
 
 
 @torch.inference_mode()

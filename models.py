@@ -966,11 +966,11 @@ def aligned_previous(ids: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.full_like(ids[:, :1], -1), best], 1)
 
 
-def sprite_changes(ids: torch.Tensor) -> torch.Tensor:
+def sprite_changes(ids: torch.Tensor, prev: torch.Tensor | None = None) -> torch.Tensor:
     """(B, T, gh, gw) tile ids -> bool (B, T, gh, gw): the cells whose tile differs from the previous frame's
-    once the camera's scroll is undone (`aligned_previous`): what moved against the background. False at
-    t = 0 and on the cells scrolled in."""
-    prev = aligned_previous(ids)
+    once the camera's scroll is undone (`aligned_previous`, or its result `prev` when the caller has it): what
+    moved against the background. False at t = 0 and on the cells scrolled in."""
+    prev = aligned_previous(ids) if prev is None else prev
     return (prev >= 0) & (prev != ids)
 
 

@@ -33,7 +33,7 @@ import checkpoint
 import imagination
 from dataset import PokemonDataset, evenly, frames_to_float
 from errors import UserError, cli
-from models import StateProbe, StateProbeConfig, aligned_previous, psnr
+from models import StateProbe, StateProbeConfig, aligned_previous, psnr, sprite_changes
 
 
 def parse_args(argv=None):
@@ -147,23 +147,26 @@ def evaluate_checkpoint(path: Path, ds, train_starts, scored_starts, args, devic
         sums["stay_tile_error"] += stay.sum(0)
         count += len(frames)
         # quiet windows: no battle, text box or map change in any frame (events a greedy prior cannot foresee)
-        quiet = ~(batch["in_battles"].any(1) | batch["dialog_opens"].any(1) | (batch["map_ids"] != batch["map_ids"][:, :1]).any(1))
+        scene = scene_of(batch)  # (B, C + K)
+        quiet = (scene == 0).all(1) & (batch["map_ids"] == batch["map_ids"][:, :1]).all(1)
         quiet_sums["quiet_tile_error"] += error[quiet].sum(0)
         quiet_sums["quiet_stay_tile_error"] += stay[quiet].sum(0)
         quiet_count += int(quiet.sum())
         # the posterior over the whole window: reconstruction quality and what the probe reads from it
         ctx = imagination.observe(wm, frames, actions)
-        recon_mse.append((imagination.decode(wm, ctx["feat"]) - frames).pow(2).mean((-3, -2, -1)).flatten().cpu())
-        if wm.tiles is not None:  # which tiles the posterior gets wrong: do they move, does it show the last frame's?
-            ids = imagination.decode_tile_ids(wm, ctx["feat"])
+        if wm.tiles is None:
+            recon = imagination.decode(wm, ctx["feat"])
+        else:  # which tiles the posterior gets wrong: do they move, does it show the last frame's?
+            recon, ids = imagination.decode(wm, ctx["feat"], tile_ids=True)
             true = wm.tiles.tokenize(frames.flatten(0, 1)).view(ids.shape)
             prev = aligned_previous(true)
-            wrong, changed = ids != true, (prev >= 0) & (prev != true)
+            wrong, changed = ids != true, sprite_changes(true, prev)
             for key, value in (("frames", true.shape[0] * true.shape[1]), ("wrong", wrong.sum()),
                                ("frames_right", (~wrong.flatten(2).any(-1)).sum()), ("changed", changed.sum()),
                                ("wrong_changed", (wrong & changed).sum()), ("stale", (wrong & changed & (ids == prev)).sum())):
                 tile_sums[key] += int(value)
-        scenes.append(scene_of(batch).flatten())
+        recon_mse.append((recon - frames).pow(2).mean((-3, -2, -1)).flatten().cpu())
+        scenes.append(scene.flatten())
         e, a = probe_scores(probe, ctx["feat"].cpu(), batch["xs"].float(), batch["ys"].float(), batch["map_ids"])
         post_err.append(e.flatten()), post_acc.append(a.flatten())
     # PSNR of the mean squared error over all frames: exactly predicted frames (likely with tile tokens)
@@ -182,10 +185,11 @@ def evaluate_checkpoint(path: Path, ds, train_starts, scored_starts, args, devic
                           "error_share": (picked.sum() / recon_mse.sum().clamp(min=1e-12)).item()}
     recon_tiles = None
     if tile_sums["frames"]:
-        n, wrong = tile_sums["frames"], max(tile_sums["wrong"], 1)
-        recon_tiles = {"wrong_per_frame": tile_sums["wrong"] / n, "frames_all_right": tile_sums["frames_right"] / n,
-                       "changed_per_frame": tile_sums["changed"] / n, "wrong_on_changes": tile_sums["wrong_changed"] / wrong,
-                       "stale_of_wrong_changes": tile_sums["stale"] / max(tile_sums["wrong_changed"], 1)}
+        t = tile_sums
+        recon_tiles = {"wrong_per_frame": t["wrong"] / t["frames"], "frames_all_right": t["frames_right"] / t["frames"],
+                       "changed_per_frame": t["changed"] / t["frames"],
+                       "wrong_on_changes": t["wrong_changed"] / max(t["wrong"], 1),
+                       "stale_of_wrong_changes": t["stale"] / max(t["wrong_changed"], 1)}
     return {
         "checkpoint": str(path), "preset": wm.cfg.preset, "parameters": sum(p.numel() for p in wm.parameters()),
         "sequences": count, "quiet_sequences": quiet_count, "context": C, "recon_psnr": psnr(recon_mse.mean()).item(),

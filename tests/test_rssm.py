@@ -498,7 +498,9 @@ def test_train_rssm_fits_the_tile_codebook_and_resume_keeps_it(data_dir, tmp_pat
     ds = PokemonDataset(data_dir, seq_len=5)
     batch = ds.get_batch(evenly(ds.split(0.1, seed=0)[1], 4))
     frames = frames_to_float(batch["obs"], "cpu")
-    ids = imagination.decode_tile_ids(wm.eval(), imagination.observe(wm, frames, batch["actions"])["feat"])
+    feat = imagination.observe(wm.eval(), frames, batch["actions"])["feat"]
+    recon, ids = imagination.decode(wm, feat, tile_ids=True)
+    assert torch.equal(recon, imagination.decode(wm, feat))  # the frames of the same decoder pass
     wrong = (ids != wm.tiles.tokenize(frames.flatten(0, 1)).view(ids.shape)).float()
     assert tiles_row["wrong_per_frame"] == pytest.approx(wrong.sum((-2, -1)).mean().item())
     assert tiles_row["frames_all_right"] == pytest.approx((wrong.sum((-2, -1)) == 0).float().mean().item())
