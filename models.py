@@ -682,7 +682,9 @@ class NormGRUCell(nn.Module):
         xh = torch.cat([x.view(-1, g, x.shape[-1] // g), h.view(-1, g, h.shape[-1] // g)], -1)  # (N, G, k)
         return torch.bmm(xh.transpose(0, 1), self.block_weight).transpose(0, 1).reshape(h.shape[0], -1)  # (N, 3 size)
 
-    def forward(self, x, h):
+    def forward(self, x, h, out=None):
+        """(..., inp), (..., size) -> (..., size); out: a (N, size) tensor (a strided view will do) to write
+        the new state into (no autograd)."""
         lead = h.shape[:-1]
         x, h = x.reshape(-1, x.shape[-1]), h.reshape(-1, h.shape[-1])
         gates = self.norm(self.gates(x, h)).view(h.shape[0], self.blocks, 3, -1)  # (N, G, 3, size / G)
@@ -690,6 +692,8 @@ class NormGRUCell(nn.Module):
         reset = torch.sigmoid(reset)
         cand = torch.tanh(reset * cand)
         update = torch.sigmoid(update - 1.0)  # biased towards keeping the state
+        if out is not None:
+            return torch.lerp(h.view_as(cand), cand, update, out=out.view_as(cand)).view_as(out)
         new = torch.lerp(h.view_as(cand), cand, update)  # update * cand + (1 - update) * h
         return new.reshape(*lead, -1)
 
@@ -784,41 +788,47 @@ class RSSM(nn.Module):
         Faster because a one-hot [z, a] times the input layer is a sum of S/classes + 1 rows of its weight
         (`embedding_bag`), and the most likely class needs no softmax (mixing in `unimix` keeps the order)
         nor torch's argmax (slow over 16 classes on the CPU): the prior's output rows are reordered class-major,
-        so the max over classes is a vectorised reduction, and the one-hot is (logits >= max) written straight
-        into the feature tensor; its index is sum(class * one-hot). A step where two classes tie exactly
-        (several ones) falls back to argmax, which keeps the first."""
+        so the max over classes is a vectorised reduction; (logits >= max) marks the most likely class, its id is
+        sum(class * mark), and the one-hot (class == id) is written straight into the feature tensor, as is
+        the GRU's new state. A step where two classes tie exactly (several marks) falls back to argmax, which
+        keeps the first. (Until session 14 the marks were written transposed into the features: slower.)"""
         cfg = self.cfg
         batch, horizon = actions.shape
         latent = cfg.stoch * cfg.classes
         table, bias = self._input_table()
-        offsets = torch.arange(cfg.stoch, device=h.device) * cfg.classes
+        offsets = torch.arange(cfg.stoch, device=h.device, dtype=h.dtype) * cfg.classes
         class_ids = torch.arange(cfg.classes, device=h.device, dtype=h.dtype)
         class_major = torch.arange(latent, device=h.device).view(cfg.stoch, cfg.classes).t().flatten()
         prior_hidden, prior_out = self.prior_net[:-1], self.prior_net[-1]
         out_weight, out_bias = prior_out.weight[class_major], prior_out.bias[class_major]  # rows (classes, stoch)
         feat = h.new_empty(batch, horizon, cfg.deter + latent)
+        onehots = feat[..., cfg.deter:].view(batch, horizon, cfg.stoch, cfg.classes)
+        marks = h.new_empty(batch, cfg.classes, cfg.stoch)  # class-major: 1 where a class reaches its latent's max
+        class_column = class_ids.view(cfg.classes, 1)
+        rows = torch.empty(batch, cfg.stoch + 1, dtype=torch.long, device=h.device)  # [z's rows, the action's]
+        action_rows = actions.long() + latent
         index = None
         for t in range(horizon):
             if index is None:  # the start z may be anything (zeros, a soft belief): the plain step
                 h = self.deter_step(h, z, actions[:, t])
+                feat[:, t, :cfg.deter] = h
             else:
-                rows = torch.cat([index + offsets, actions[:, t:t + 1].long() + latent], 1)
-                x = F.embedding_bag(rows, table, mode="sum") + bias  # (B, out)
-                h = self._gru_from_input(x, h)
+                rows[:, :cfg.stoch] = index
+                rows[:, cfg.stoch] = action_rows[:, t]
+                x = F.embedding_bag(rows, table, mode="sum").add_(bias)  # (B, out)
+                h = self._gru_from_input(x, h, out=feat[:, t, :cfg.deter])
             logits = F.linear(prior_hidden(h), out_weight, out_bias).view(batch, cfg.classes, cfg.stoch)
-            onehot = feat[:, t, cfg.deter:].view(batch, cfg.stoch, cfg.classes)
-            torch.sub(logits, logits.amax(1, keepdim=True), out=onehot.transpose(1, 2))
-            onehot.ge_(0)  # 1 where a class reaches the max, else 0
-            if onehot.sum() == batch * cfg.stoch:
-                index = torch.matmul(class_ids, onehot.transpose(1, 2)).long()  # (B, stoch)
+            torch.ge(logits, logits.amax(1, keepdim=True), out=marks)
+            if marks.sum() == batch * cfg.stoch:
+                index = marks.mul_(class_column).sum(1)  # (B, stoch) float class ids
             else:  # an exact tie
-                index = logits.argmax(1)
-                onehot.zero_().scatter_(-1, index.unsqueeze(-1), 1.0)
-            feat[:, t, :cfg.deter] = h
+                index = logits.argmax(1).to(h.dtype)
+            torch.eq(index.unsqueeze(-1), class_ids, out=onehots[:, t])
+            index += offsets  # row of each latent's class in the input table
         return feat
 
-    def _gru_from_input(self, x, h):
-        """One GRU step given the input layer's output x (before its norm / nonlinearity)."""
+    def _gru_from_input(self, x, h, out):
+        """One GRU step given the input layer's output x (before its norm / nonlinearity), written into out."""
         if self.cfg.gru == "torch":  # nn.GRUCell's gates: reset, update, new
             cell = self.cell
             gh = F.linear(h, cell.weight_hh, cell.bias_hh)
@@ -826,8 +836,8 @@ class RSSM(nn.Module):
             h_r, h_z, h_n = gh.chunk(3, -1)
             reset, update = torch.sigmoid(x_r + h_r), torch.sigmoid(x_z + h_z)
             new = torch.tanh(x_n + reset * h_n)
-            return new + update * (h - new)
-        return self.cell(self.img_in[1:](x), h)
+            return torch.add(new, update * (h - new), out=out)
+        return self.cell(self.img_in[1:](x), h, out=out)
 
     def posterior(self, h, embed_in):
         """(B, D) state and (B, hidden) projected embedding (`post_embed_in(embed)`) -> (B, stoch, classes) log-probs."""

@@ -32,6 +32,8 @@ Measured, each in its own forked process (so its peak RSS is its own and one can
                        imagine_default_dense_gru) and with its prior one linear layer of h (prior_layers 0,
                        imagine_default_linear_prior), both interleaved with imagine_default; differences
                        under ~20% in what is not interleaved are noise on a shared machine.
+  --against REV adds imagine_default_at_REV: the default preset's rollouts with models.py as of git revision
+                       REV (this tree's weights), in turns with imagine_default's (ratio imagine_default_vs_REV)
 Ratios come from figures of the SAME run; absolute speeds depend on what else the machine runs.
 Training results also carry minor_page_faults_per_step, imagination's minor_page_faults_per_rollout (medians;
 allocator behaviour, not speed). Imagination runs with checkpoint.keep_freed_memory, as train_policy.py does.
@@ -90,6 +92,9 @@ def parse_args(argv=None):
     p.add_argument("--horizon", type=int, default=None, help="imagined steps per rollout (15 in the full run)")
     p.add_argument("--hot-paths", action="store_true",
                    help="also measure channels_last flipped, torch.compile, and 1 vs 2 torch threads")
+    p.add_argument("--against", metavar="REV", default=None,
+                   help="also time the default preset's imagination with models.py as of git revision REV (the same "
+                        "weights), in turns with this tree's: a hot-path change against the code before it")
     args = p.parse_args(argv)
     sizes = dict(QUICK if args.quick else FULL)
     for key in ("emu_steps", "episode_length", "imagine_batch", "horizon"):
@@ -105,6 +110,9 @@ def parse_args(argv=None):
             raise UserError(f"--{key} {getattr(args, key)} must be at least 1")
     if min(sizes["train_steps"].values()) < 1:
         raise UserError(f"--train-steps {args.train_steps} must be at least 1")
+    if args.against and "default" not in args.presets:
+        raise UserError("--against times the default preset's imagination: keep default in --presets")
+    args.against_models = models_at(args.against) if args.against else None
     sizes["save_interval"] = min(sizes["save_interval"], sizes["emu_steps"])
     args.sizes = sizes
     return args
@@ -491,11 +499,39 @@ def in_turns(loops: dict, repeats: int) -> tuple[float, dict, dict]:
     return baseline, best, {name: float(np.median(counts)) for name, counts in faults.items()}
 
 
+def models_at(rev: str) -> str:
+    """The text of models.py as of git revision `rev` (UserError if git cannot show it)."""
+    done = subprocess.run(["git", "-C", str(REPO), "show", f"{rev}:models.py"], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise UserError(f"--against {rev}: git cannot show models.py at that revision "
+                        f"({done.stderr.strip().splitlines()[-1] if done.stderr.strip() else 'no output'}); "
+                        "give a commit of this repository")
+    return done.stdout
+
+
+def _model_from_file(torch, path: Path, preset, image_size, like):
+    """The `preset` world model of the models.py at `path`, with the weights of `like` (UserError if they differ)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    other = module.WorldModel(module.RSSMConfig.from_preset(preset, image_size=tuple(image_size))).eval()
+    try:
+        other.load_state_dict(like.state_dict())
+    except RuntimeError as err:
+        raise UserError(f"{path.name}: its {preset} preset has other weights than this tree's "
+                        f"({str(err).splitlines()[1].strip()}); compare against a revision with the same model") from None
+    return other
+
+
 def measure_imagination(preset, batch, horizon, repeats, threads, image_size, with_original=False,
-                        overrides=None, variants=None, keep_memory=True) -> dict:
+                        overrides=None, variants=None, against=None, keep_memory=True) -> dict:
     """Best of `repeats` rollouts of `horizon` prior steps for `batch` starts -> latent steps/s.
     with_original: the original's step (`original_prior_step`) is timed in turns with ours; variants
-    ({name: RSSMConfig fields}): so is the same preset with those fields changed (result key: the name)."""
+    ({name: RSSMConfig fields}): so is the same preset with those fields changed (result key: the name);
+    against ((name, path of another models.py)): so is that file's model with our weights (key: the name)."""
     import imagination
 
     if keep_memory:  # as train_policy.py: a rollout's (batch, horizon, features) output is re-allocated each
@@ -518,6 +554,9 @@ def measure_imagination(preset, batch, horizon, repeats, threads, image_size, wi
     for name, fields in (variants or {}).items():
         other = _world_model(torch, preset, image_size, overrides={**(overrides or {}), **fields}).eval()
         rollouts[name] = lambda other=other: imagination.imagine(other, state, actions)
+    if against:
+        other = _model_from_file(torch, Path(against[1]), preset, image_size, wm)
+        rollouts[against[0]] = lambda: imagination.imagine(other, state, actions)
     baseline, best, faults = in_turns(rollouts, repeats)
     result = {"value": batch * horizon / best["ours"], "unit": "latent steps/s", "baseline_rss_mb": baseline,
               "minor_page_faults_per_rollout": faults["ours"],
@@ -639,10 +678,15 @@ def run(args) -> dict:
         image_size = parse_resolution(s["resolution"])
         imag = dict(batch=s["imagine_batch"], horizon=s["horizon"], repeats=s["repeats"], threads=threads,
                     image_size=image_size)
+        against = None
+        if args.against:
+            path = tmp / f"models_at_{re.sub(r'[^A-Za-z0-9]', '_', args.against)}.py"
+            path.write_text(args.against_models)
+            against = (f"at_{args.against}", str(path))
         for index, preset in enumerate(args.presets):
             variants = IMAGINATION_VARIANTS if args.hot_paths and preset == "default" else None
             record(f"imagine_{preset}", measure_imagination, preset=preset, with_original=index == 0,
-                   variants=variants, **imag)
+                   variants=variants, against=against if preset == "default" else None, **imag)
             if index == 0:
                 results["imagine_original"] = paired(
                     results[f"imagine_{preset}"], "original",
@@ -650,6 +694,9 @@ def run(args) -> dict:
             for name, fields in (variants or {}).items():
                 results[f"imagine_default_{name}"] = paired(results["imagine_default"], name,
                                                             f"the default preset with {name}", **fields)
+            if against and preset == "default":
+                results[f"imagine_default_{against[0]}"] = paired(
+                    results["imagine_default"], against[0], f"models.py as of {args.against}, the same weights")
         dreamer = "default" if "default" in args.presets else args.presets[0]
         record("env_steps_in_turns", measure_dreaming, steps=s["emu_steps"], preset=dreamer, **emu, **imag)
         turns = results["env_steps_in_turns"]
@@ -710,6 +757,10 @@ def run(args) -> dict:
         if f"imagine_default_{name}" in results:
             ratios[f"imagine_default_vs_{name}"] = ratio(results["imagine_default"], results[f"imagine_default_{name}"],
                                                          None, f"the default preset / the same model with {name}")
+    if args.against and f"imagine_default_at_{args.against}" in results:
+        ratios[f"imagine_default_vs_{args.against}"] = ratio(
+            results["imagine_default"], results[f"imagine_default_at_{args.against}"], None,
+            f"this tree's imagination / models.py as of {args.against}, in turns")
     best = "default" if "default" in args.presets else args.presets[0]
     ratios["imagined_per_emulator_step"] = ratio(results[f"imagine_{best}_in_turns"], results["env_steps_in_turns"],
                                                  200.0, f"imagine_{best}_in_turns / env_steps_in_turns (one process, "
@@ -764,7 +815,8 @@ def main(argv=None):
     report = run(args)
 
     report["partial"] = False
-    report["config"] = {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    report["config"] = {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                           if k != "against_models"},
                         "torch": torch.__version__, **environment(), "load_average_at_start": load,
                         "total_seconds": time.time() - began}
     print_table(report)

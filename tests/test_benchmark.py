@@ -31,7 +31,8 @@ def finite_numbers(value, where):
 
 def test_quick_benchmark_reports_every_field(tmp_path, cartridge_rom):
     out = tmp_path / "sub" / "benchmarks.json"
-    done = run_script("benchmark.py", "--quick", "--threads", "1", "--rom", cartridge_rom, "--out", out)
+    done = run_script("benchmark.py", "--quick", "--threads", "1", "--rom", cartridge_rom, "--out", out,
+                      "--against", "HEAD")
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
     assert set(MEASUREMENTS) <= report["results"].keys()
@@ -56,6 +57,12 @@ def test_quick_benchmark_reports_every_field(tmp_path, cartridge_rom):
         turns["value"] / report["results"]["env_steps_in_turns"]["value"])
     for name in ("train_faithful", "train_faithful_original", "train_default"):
         assert report["results"][name]["minor_page_faults_per_step"] >= 0, name
+    before = report["results"]["imagine_default_at_HEAD"]  # models.py as committed, in turns with the tree's
+    assert before["config"]["interleaved_with"] == ["imagination.imagine (inference mode)"]
+    assert "at_HEAD" in report["results"]["imagine_default"]["config"]["interleaved_with"]
+    assert report["ratios"]["imagine_default_vs_HEAD"]["value"] == pytest.approx(
+        report["results"]["imagine_default"]["value"] / before["value"])
+    assert "against_models" not in report["config"]
     finite_numbers(report, "report")
     for name in MEASUREMENTS + RATIOS:  # the printed table names every figure
         assert name in done.stdout, name
@@ -92,6 +99,10 @@ def test_bad_flags_exit_2(tmp_path):
     errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
     assert done.returncode == 2 and errors == ["error: --workers 0 must be at least 1"], done.stderr
     assert "Traceback" not in done.stderr
+    done = run_script("benchmark.py", "--quick", "--against", "no-such-revision", "--out", tmp_path / "b.json")
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert done.returncode == 2 and len(errors) == 1 and "--against no-such-revision" in errors[0], done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "b.json").exists()
 
 
 FAULTS = """
