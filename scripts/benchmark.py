@@ -522,7 +522,7 @@ def _model_from_file(torch, path: Path, preset, image_size, like):
         other.load_state_dict(like.state_dict())
     except RuntimeError as err:
         raise UserError(f"{path.name}: its {preset} preset has other weights than this tree's "
-                        f"({str(err).splitlines()[1].strip()}); compare against a revision with the same model") from None
+                        f"({str(err).strip().splitlines()[-1].strip()}); compare against a revision with the same model") from None
     return other
 
 

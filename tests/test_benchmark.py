@@ -84,6 +84,25 @@ def test_imagination_measures_the_model_it_is_given_and_its_variants_in_turns():
         assert variant["value"] > 0 and variant["config"].items() >= fields.items() and name not in every
 
 
+def test_against_another_models_file_times_it_in_turns_or_says_it_differs(tmp_path):
+    """--against's measurement: another models.py with this tree's weights in turns; one whose default preset
+    has other weights is a UserError naming the file."""
+    from errors import UserError
+
+    benchmark = load_script("benchmark")
+    size = dict(preset="default", batch=4, horizon=2, repeats=1, threads=1, image_size=(144, 160))
+    same = tmp_path / "models_same.py"
+    same.write_text((benchmark.REPO / "models.py").read_text())
+    both = benchmark.measure_imagination(against=("at_same", str(same)), **size)
+    assert both["at_same"] > 0 and both["config"]["interleaved_with"] == ["at_same"]
+    dense = tmp_path / "models_dense.py"
+    text = same.read_text()
+    assert "gru_blocks=8, kl_rep=0.5" in text
+    dense.write_text(text.replace("gru_blocks=8, kl_rep=0.5", "gru_blocks=1, kl_rep=0.5"))
+    with pytest.raises(UserError, match="models_dense.py: its default preset has other weights"):
+        benchmark.measure_imagination(against=("at_dense", str(dense)), **size)
+
+
 def test_training_step_as_before_session_10_is_timed_in_turns(collected_data):
     """--hot-paths' train_default_every_step: tokens, frame metrics and the multi-tensor Adam every step,
     in turns with train_rssm.py's step (tile ids made once, no frame metrics, fused Adam)."""
