@@ -509,7 +509,7 @@ def models_at(rev: str) -> str:
     return done.stdout
 
 
-def _model_from_file(torch, path: Path, preset, image_size, like):
+def _model_from_file(path: Path, preset, image_size, like):
     """The `preset` world model of the models.py at `path`, with the weights of `like` (UserError if they differ)."""
     import importlib.util
 
@@ -555,7 +555,7 @@ def measure_imagination(preset, batch, horizon, repeats, threads, image_size, wi
         other = _world_model(torch, preset, image_size, overrides={**(overrides or {}), **fields}).eval()
         rollouts[name] = lambda other=other: imagination.imagine(other, state, actions)
     if against:
-        other = _model_from_file(torch, Path(against[1]), preset, image_size, wm)
+        other = _model_from_file(Path(against[1]), preset, image_size, wm)
         rollouts[against[0]] = lambda: imagination.imagine(other, state, actions)
     baseline, best, faults = in_turns(rollouts, repeats)
     result = {"value": batch * horizon / best["ours"], "unit": "latent steps/s", "baseline_rss_mb": baseline,
