@@ -793,7 +793,7 @@ class RSSM(nn.Module):
         so the max over classes is a vectorised reduction; (logits >= max) marks the most likely class, its id is
         sum(class * mark), and the one-hot (class == id) is written straight into the feature tensor, as is
         the GRU's new state. A step where two classes tie exactly (several marks) falls back to argmax, which
-        keeps the first. (Until session 14 the marks were written transposed into the features: slower.)"""
+        keeps the first."""
         cfg = self.cfg
         batch, horizon = actions.shape
         latent = cfg.stoch * cfg.classes
@@ -963,19 +963,13 @@ def aligned_previous(ids: torch.Tensor) -> torch.Tensor:
     the cells scrolled in."""
     cur, prev = ids[:, 1:], ids[:, :-1]
     gh, gw = ids.shape[-2:]
-    best, best_count = None, None
-    for dy, dx in _SCROLLS:  # cur[y, x] shows what prev showed at [y + dy, x + dx]
-        moved = torch.full_like(cur, -1)
-        moved[..., max(0, -dy):gh - max(0, dy), max(0, -dx):gw - max(0, dx)] = \
+    moved = torch.full((len(_SCROLLS), *cur.shape), -1, dtype=ids.dtype, device=ids.device)
+    for i, (dy, dx) in enumerate(_SCROLLS):  # cur[y, x] shows what prev showed at [y + dy, x + dx]
+        moved[i, ..., max(0, -dy):gh - max(0, dy), max(0, -dx):gw - max(0, dx)] = \
             prev[..., max(0, dy):gh - max(0, -dy), max(0, dx):gw - max(0, -dx)]
-        count = ((moved != cur) & (moved >= 0)).sum((-2, -1))  # (B, T - 1)
-        if best is None:
-            best, best_count = moved, count
-        else:
-            fewer = count < best_count
-            best = torch.where(fewer[..., None, None], moved, best)
-            best_count = torch.minimum(count, best_count)
-    return torch.cat([torch.full_like(ids[:, :1], -1), best], 1)
+    counts = ((moved != cur) & (moved >= 0)).sum((-2, -1))  # (scrolls, B, T - 1)
+    pick = counts.argmin(0)[None, ..., None, None].expand(1, *cur.shape)  # argmin keeps the first on a tie
+    return torch.cat([torch.full_like(ids[:, :1], -1), moved.gather(0, pick)[0]], 1)
 
 
 def sprite_changes(ids: torch.Tensor, prev: torch.Tensor | None = None) -> torch.Tensor:

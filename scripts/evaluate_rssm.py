@@ -290,15 +290,16 @@ def main(argv=None):
     labels = args.labels or [Path(c).parent.name + "/" + Path(c).stem for c in args.checkpoints]
     scored = val_starts if args.episodes == "val" else train_starts
     results = {}
+    shown = sorted({min(29, args.horizon), args.horizon})  # the steps printed
     for label, path in zip(labels, args.checkpoints):
         results[label] = evaluate_checkpoint(Path(path), ds, train_starts, scored, args, device)
         steps = results[label]["steps"]
-        for k in sorted({min(29, args.horizon), args.horizon}):
+        for k in shown:
             print(f"{label}: step {k}: tile error {steps[k - 1]['tile_error']:.2f}, map acc "
                   f"{steps[k - 1]['map_acc']:.3f}, PSNR {steps[k - 1]['psnr']:.2f} dB", flush=True)
         if results[label]["quiet_sequences"]:
             print(f"{label}: on the {results[label]['quiet_sequences']} quiet windows (no battle, text box or map change): "
-                  + ", ".join(f"step {k} {steps[k - 1]['quiet_tile_error']:.2f}" for k in sorted({min(29, args.horizon), args.horizon}))
+                  + ", ".join(f"step {k} {steps[k - 1]['quiet_tile_error']:.2f}" for k in shown)
                   + " tiles", flush=True)
         print(f"{label}: posterior reconstruction PSNR {results[label]['recon_psnr']:.2f} dB, probe tile error on the "
               f"posterior {results[label]['posterior_tile_error']:.2f}", flush=True)
