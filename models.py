@@ -714,6 +714,34 @@ def kl_losses(post_logp, prior_logp, free_nats: float):
     return dyn.clamp(min=free_nats), rep.clamp(min=free_nats), dyn.detach()
 
 
+class _RowCrossEntropy(torch.autograd.Function):
+    """Cross-entropy of each row of logits (N, V) against a class id (N,) -> (N,), with a leaner backward
+    than F.cross_entropy's: the gradient is softmax * g minus g at the target, made from the saved
+    log-softmax in two passes (exp, then scale), where nll_loss's backward fills an (N, V) tensor of zeros
+    and log_softmax's backward reads two such tensors."""
+
+    @staticmethod
+    def forward(ctx, logits, target):
+        logp = torch.log_softmax(logits, -1)  # (N, V)
+        ctx.save_for_backward(logp, target)
+        return -logp.gather(1, target[:, None]).squeeze(1)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        logp, target = ctx.saved_tensors
+        grad = logp.exp().mul_(grad_loss[:, None])  # (N, V): softmax * g
+        grad.scatter_add_(1, target[:, None], -grad_loss[:, None])
+        return grad, None
+
+
+def row_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """F.cross_entropy(logits, target, reduction="none") for (N, V) logits and (N,) class ids -> (N,); the
+    same values and gradients (to float rounding), the backward faster on the tile decoder's (N*360, 512)."""
+    if not torch.is_grad_enabled() or not logits.requires_grad:
+        return F.cross_entropy(logits, target, reduction="none")
+    return _RowCrossEntropy.apply(logits, target)
+
+
 class RSSM(nn.Module):
     """Recurrent state-space model: h_t = GRU(h_{t-1}, [z_{t-1}, a_{t-1}]); z_t ~ prior(h_t) or posterior(h_t, e_t)."""
 
@@ -1065,7 +1093,7 @@ class WorldModel(nn.Module):
         feat = torch.cat([states["h"], states["z"]], -1)  # (B, T, F)
         raw = self.decode_raw(feat)
         if self.tiles is not None:  # cross-entropy of each cell's tile, summed (or averaged) over the grid
-            cell_loss = F.cross_entropy(raw.reshape(-1, raw.shape[-1]), inputs.flatten(), reduction="none")
+            cell_loss = row_cross_entropy(raw.reshape(-1, raw.shape[-1]), inputs.flatten())
             cell_loss = cell_loss.view(batch, steps, -1)  # (B, T, cells)
             if cfg.recon_change_weight != 1.0:
                 changed = sprite_changes(inputs.view(batch, steps, *inputs.shape[1:])).view(batch, steps, -1)

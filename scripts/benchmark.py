@@ -33,7 +33,10 @@ Measured, each in its own forked process (so its peak RSS is its own and one can
                        imagine_default_linear_prior), both interleaved with imagine_default; differences
                        under ~20% in what is not interleaved are noise on a shared machine.
   --against REV adds imagine_default_at_REV: the default preset's rollouts with models.py as of git revision
-                       REV (this tree's weights), in turns with imagine_default's (ratio imagine_default_vs_REV)
+                       REV (this tree's weights), in turns with imagine_default's (ratio imagine_default_vs_REV),
+                       and train_default_at_REV: train_rssm.py's step of the default preset with that models.py,
+                       step by step in turns with this tree's (train_default_at_REV_beside; ratio
+                       train_default_vs_REV)
 Ratios come from figures of the SAME run; absolute speeds depend on what else the machine runs.
 Training results also carry minor_page_faults_per_step, imagination's minor_page_faults_per_rollout (medians;
 allocator behaviour, not speed). Imagination runs with checkpoint.keep_freed_memory, as train_policy.py does.
@@ -93,8 +96,9 @@ def parse_args(argv=None):
     p.add_argument("--hot-paths", action="store_true",
                    help="also measure channels_last flipped, torch.compile, and 1 vs 2 torch threads")
     p.add_argument("--against", metavar="REV", default=None,
-                   help="also time the default preset's imagination with models.py as of git revision REV (the same "
-                        "weights), in turns with this tree's: a hot-path change against the code before it")
+                   help="also time the default preset's imagination and training step with models.py as of git "
+                        "revision REV (the same weights), in turns with this tree's: a hot-path change against the "
+                        "code before it")
     args = p.parse_args(argv)
     sizes = dict(QUICK if args.quick else FULL)
     for key in ("emu_steps", "episode_length", "imagine_batch", "horizon"):
@@ -111,7 +115,7 @@ def parse_args(argv=None):
     if min(sizes["train_steps"].values()) < 1:
         raise UserError(f"--train-steps {args.train_steps} must be at least 1")
     if args.against and "default" not in args.presets:
-        raise UserError("--against times the default preset's imagination: keep default in --presets")
+        raise UserError("--against times the default preset's imagination and training: keep default in --presets")
     args.against_models = models_at(args.against) if args.against else None
     sizes["save_interval"] = min(sizes["save_interval"], sizes["emu_steps"])
     args.sizes = sizes
@@ -353,10 +357,12 @@ def original_forward(torch, wm, frames, actions, rewards, continues):
     return sum(wm.loss_weights[k] * v for k, v in losses.items())
 
 
-def _training_way(conn, way, data_dir, preset, batch_size, seq_len, threads, channels_last, compile_model):
+def _training_way(conn, way, data_dir, preset, batch_size, seq_len, threads, channels_last, compile_model,
+                  against_path=None):
     """One way's training loop in its own process (measure_training's child): builds the data and the
     model, then times one whole step (data included) each time it is asked. "ours" starts the way
-    train_rssm.py does (checkpoint.keep_freed_memory); "original" with the allocator untouched."""
+    train_rssm.py does (checkpoint.keep_freed_memory); "original" with the allocator untouched; "at_<REV>"
+    as "ours" with the model of the models.py at `against_path` (this tree's weights)."""
     if way == "original":
         channels_last = False  # the original's layout
     else:
@@ -366,11 +372,13 @@ def _training_way(conn, way, data_dir, preset, batch_size, seq_len, threads, cha
     torch = _torch(threads)
     ds = PokemonDataset(data_dir, seq_len=seq_len)
     wm = _world_model(torch, preset, ds.resolution, channels_last, frames=ds.obs)
+    if way.startswith("at_"):
+        wm = _model_from_file(Path(against_path), preset, ds.resolution, wm)
     wm.train()
     model = torch.compile(wm) if compile_model else wm
     # as train_rssm.py between logged steps: tile ids made once, no frame metrics, fused Adam ("every_step":
     # tokens and frame metrics every step and the multi-tensor Adam, as train_rssm.py before session 10)
-    lean = way in ("ours", "flipped")
+    lean = way in ("ours", "flipped") or way.startswith("at_")
     tile_ids = wm.tiles.tokenize_uint8(ds.obs) if lean and wm.tiles is not None else None
     optimizer = torch.optim.Adam(wm.parameters(), lr=1e-4, fused=lean)
     rng = np.random.default_rng(0)  # the same windows in every way
@@ -397,7 +405,7 @@ def _training_way(conn, way, data_dir, preset, batch_size, seq_len, threads, cha
 
 
 def measure_training(data_dir, preset, batch_size, seq_len, steps, threads, ways=("ours",), channels_last=None,
-                     compile_model=False) -> dict:
+                     compile_model=False, against_path=None) -> dict:
     """Median seconds of one whole training step (data included) after one warm-up -> frames/s.
     Each way runs in its own forked process (its own allocator state and peak RSS); with
     ways=("ours", "original") the two take turns step by step, so that a change in the machine's load
@@ -408,7 +416,7 @@ def measure_training(data_dir, preset, batch_size, seq_len, steps, threads, ways
         for way in ways:
             parent, child = context.Pipe()
             process = context.Process(target=_training_way, args=(child, way, data_dir, preset, batch_size, seq_len,
-                                                                   threads, channels_last, compile_model))
+                                                                   threads, channels_last, compile_model, against_path))
             process.start()
             child.close()
             children[way] = (process, parent)
@@ -666,6 +674,11 @@ def run(args) -> dict:
                save_interval=s["save_interval"], workers=args.workers, resolution=s["resolution"],
                out_dir=tmp / "workers", **emu)
         train = dict(data_dir=data_dir, batch_size=s["batch_size"], seq_len=s["seq_len"], threads=threads)
+        against = None
+        if args.against:
+            path = tmp / f"models_at_{re.sub(r'[^A-Za-z0-9]', '_', args.against)}.py"
+            path.write_text(args.against_models)
+            against = (f"at_{args.against}", str(path))
         for preset in args.presets:
             faithful = preset == "faithful"
             record(f"train_{preset}", measure_training, preset=preset, steps=s["train_steps"].get(preset, 2),
@@ -675,14 +688,15 @@ def run(args) -> dict:
                     results["train_faithful"], "original",
                     "original: per-window float conversion, per-step networks in the time loop, zero_grad()",
                     allocator="default", channels_last=False)
+            if against and preset == "default":  # REV's model and this tree's, step by step in turns
+                name = f"train_default_{against[0]}"
+                record(name, measure_training, preset=preset, steps=2 * s["train_steps"]["default"],
+                       ways=(against[0], "ours"), against_path=against[1], **train)
+                results[name]["config"]["way"] = f"train_rssm.py's step with models.py as of {args.against}"
+                results[f"{name}_beside"] = paired(results[name], "ours", f"train_rssm.py's step, in turns with {name}")
         image_size = parse_resolution(s["resolution"])
         imag = dict(batch=s["imagine_batch"], horizon=s["horizon"], repeats=s["repeats"], threads=threads,
                     image_size=image_size)
-        against = None
-        if args.against:
-            path = tmp / f"models_at_{re.sub(r'[^A-Za-z0-9]', '_', args.against)}.py"
-            path.write_text(args.against_models)
-            against = (f"at_{args.against}", str(path))
         for index, preset in enumerate(args.presets):
             variants = IMAGINATION_VARIANTS if args.hot_paths and preset == "default" else None
             record(f"imagine_{preset}", measure_imagination, preset=preset, with_original=index == 0,
@@ -761,6 +775,9 @@ def run(args) -> dict:
         ratios[f"imagine_default_vs_{args.against}"] = ratio(
             results["imagine_default"], results[f"imagine_default_at_{args.against}"], None,
             f"this tree's imagination / models.py as of {args.against}, in turns")
+        ratios[f"train_default_vs_{args.against}"] = ratio(
+            results[f"train_default_at_{args.against}_beside"], results[f"train_default_at_{args.against}"], None,
+            f"this tree's training step / models.py as of {args.against}, in turns step by step")
     best = "default" if "default" in args.presets else args.presets[0]
     ratios["imagined_per_emulator_step"] = ratio(results[f"imagine_{best}_in_turns"], results["env_steps_in_turns"],
                                                  200.0, f"imagine_{best}_in_turns / env_steps_in_turns (one process, "
@@ -771,7 +788,8 @@ def run(args) -> dict:
         "value": ratios["imagined_per_emulator_step"]["value"] / threads,
         "note": f"imagination uses {threads} torch threads, the emulator 1 core"}
     for name, r in results.items():  # each training variant against the plain way: the one timed beside it if any
-        if not name.startswith("train_") or name.count("_") < 2 or name.endswith(("_original", "_beside")):
+        if not name.startswith("train_") or name.count("_") < 2 or name.endswith(("_original", "_beside")) \
+                or (args.against and name.startswith(f"train_default_at_{args.against}")):
             continue
         plain = f"{name}_beside" if f"{name}_beside" in results else f"train_{r['config']['preset']}"
         if plain in results:

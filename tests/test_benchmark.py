@@ -62,6 +62,12 @@ def test_quick_benchmark_reports_every_field(tmp_path, cartridge_rom):
     assert "at_HEAD" in report["results"]["imagine_default"]["config"]["interleaved_with"]
     assert report["ratios"]["imagine_default_vs_HEAD"]["value"] == pytest.approx(
         report["results"]["imagine_default"]["value"] / before["value"])
+    trained = report["results"]["train_default_at_HEAD"]  # its training step too, step by step in turns
+    beside = report["results"]["train_default_at_HEAD_beside"]
+    assert trained["config"]["interleaved_with"] == ["ours"] and "as of HEAD" in trained["config"]["way"]
+    assert beside["config"]["interleaved_with"] == ["train_rssm.py's step with models.py as of HEAD"]
+    assert report["ratios"]["train_default_vs_HEAD"]["value"] == pytest.approx(beside["value"] / trained["value"])
+    assert not any(name.startswith("train_default_at_HEAD") for name in report["ratios"] if name.endswith("_vs_plain"))
     assert "against_models" not in report["config"]
     finite_numbers(report, "report")
     for name in MEASUREMENTS + RATIOS:  # the printed table names every figure
