@@ -354,6 +354,10 @@ class RSSMConfig:
     decoder_output: str = "linear"  # "sigmoid" | "linear" (prediction = 0.5 + output, clamped only for display)
     channels_last: bool = True  # memory format of the conv stacks (a speed choice only)
     decoder_blocks: int = 0  # residual blocks (two 3x3 convs + norm each) on the decoder's coarsest grid
+    # "tiles" only, training only: each grid cell's tile embedding in the encoder is zeroed with this
+    # probability (the kept ones scaled by 1 / (1 - p), as dropout does), so that the posterior must take the
+    # hidden cells from its belief; the reconstruction target stays the whole frame (0: off)
+    embed_dropout: float = 0.0
     # > 0: the decoder first maps the features through a hidden layer of this width (Linear -> norm -> act,
     # the MLPs' norm and activation), then to its coarsest grid; 0: one linear layer from the features to the grid
     decoder_hidden: int = 0
@@ -469,6 +473,10 @@ class RSSMConfig:
             raise ValueError(f"RSSMConfig.recon_change_weight={self.recon_change_weight} must be >= 0")
         if self.recon_change_weight != 1.0 and self.frame_model != "tiles":
             raise ValueError("RSSMConfig.recon_change_weight applies to frame_model='tiles' only; leave it at 1.0")
+        if not 0 <= self.embed_dropout < 1:
+            raise ValueError(f"RSSMConfig.embed_dropout={self.embed_dropout} must be in [0, 1)")
+        if self.embed_dropout and self.frame_model != "tiles":
+            raise ValueError("RSSMConfig.embed_dropout applies to frame_model='tiles' only; leave it at 0")
         if self.battle_repeats < 1:
             raise ValueError(f"RSSMConfig.battle_repeats={self.battle_repeats} must be at least 1")
         if not 0 <= self.lr_final <= 1:
@@ -603,10 +611,15 @@ class Encoder(nn.Module):
         self.fc = nn.Linear(flat, cfg.embed_dim) if cfg.embed_dim else nn.Identity()
         self.out_dim = cfg.embed_dim or flat
         self.channels_last = cfg.channels_last
+        self.embed_dropout = cfg.embed_dropout
 
     def forward(self, frames):
         if self.tile_embed is not None:
-            frames = self.tile_embed(frames).permute(0, 3, 1, 2)  # (N, C, H/8, W/8), channels-last in memory
+            frames = self.tile_embed(frames)  # (N, H/8, W/8, C)
+            if self.training and self.embed_dropout > 0:  # whole cells: one draw per tile
+                keep = torch.rand(frames.shape[:-1] + (1,), device=frames.device) >= self.embed_dropout
+                frames = frames * keep / (1 - self.embed_dropout)
+            frames = frames.permute(0, 3, 1, 2)  # (N, C, H/8, W/8), channels-last in memory
         elif self.channels_last:
             frames = frames.contiguous(memory_format=torch.channels_last)
         x = self.convs(frames)  # (N, C, h, w)
@@ -712,34 +725,6 @@ def kl_losses(post_logp, prior_logp, free_nats: float):
     dyn = categorical_kl(post_logp.detach(), prior_logp)
     rep = categorical_kl(post_logp, prior_logp.detach())
     return dyn.clamp(min=free_nats), rep.clamp(min=free_nats), dyn.detach()
-
-
-class _RowCrossEntropy(torch.autograd.Function):
-    """Cross-entropy of each row of logits (N, V) against a class id (N,) -> (N,), with a leaner backward
-    than F.cross_entropy's: the gradient is softmax * g minus g at the target, made from the saved
-    log-softmax in two passes (exp, then scale), where nll_loss's backward fills an (N, V) tensor of zeros
-    and log_softmax's backward reads two such tensors."""
-
-    @staticmethod
-    def forward(ctx, logits, target):
-        logp = torch.log_softmax(logits, -1)  # (N, V)
-        ctx.save_for_backward(logp, target)
-        return -logp.gather(1, target[:, None]).squeeze(1)
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        logp, target = ctx.saved_tensors
-        grad = logp.exp().mul_(grad_loss[:, None])  # (N, V): softmax * g
-        grad.scatter_add_(1, target[:, None], -grad_loss[:, None])
-        return grad, None
-
-
-def row_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """F.cross_entropy(logits, target, reduction="none") for (N, V) logits and (N,) class ids -> (N,); the
-    same values and gradients (to float rounding), the backward faster on the tile decoder's (N*360, 512)."""
-    if not torch.is_grad_enabled() or not logits.requires_grad:
-        return F.cross_entropy(logits, target, reduction="none")
-    return _RowCrossEntropy.apply(logits, target)
 
 
 class RSSM(nn.Module):
@@ -1093,7 +1078,7 @@ class WorldModel(nn.Module):
         feat = torch.cat([states["h"], states["z"]], -1)  # (B, T, F)
         raw = self.decode_raw(feat)
         if self.tiles is not None:  # cross-entropy of each cell's tile, summed (or averaged) over the grid
-            cell_loss = row_cross_entropy(raw.reshape(-1, raw.shape[-1]), inputs.flatten())
+            cell_loss = F.cross_entropy(raw.reshape(-1, raw.shape[-1]), inputs.flatten(), reduction="none")
             cell_loss = cell_loss.view(batch, steps, -1)  # (B, T, cells)
             if cfg.recon_change_weight != 1.0:
                 changed = sprite_changes(inputs.view(batch, steps, *inputs.shape[1:])).view(batch, steps, -1)

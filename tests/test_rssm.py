@@ -80,6 +80,27 @@ def test_decoder_hidden_puts_a_hidden_layer_before_the_grid():
         RSSMConfig.from_preset("tiny", decoder_hidden=-1)
 
 
+def test_embed_dropout_hides_whole_cells_in_training_only():
+    torch.manual_seed(0)
+    plain, masked = WorldModel(tiles_config()), WorldModel(tiles_config(embed_dropout=0.25))
+    masked.load_state_dict(plain.state_dict())
+    ids = torch.randint(0, 64, (40, 18, 20))
+    seen = []
+    masked.encoder.convs.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    masked.train()
+    masked.encoder(ids)
+    cells = seen[-1].permute(0, 2, 3, 1)  # (N, 18, 20, C)
+    hidden = (cells == 0).all(-1)
+    assert 0.2 < hidden.float().mean() < 0.3  # whole cells, about a quarter of them
+    torch.testing.assert_close(cells[~hidden], plain.encoder.tile_embed(ids)[~hidden] / 0.75)
+    masked.eval(), plain.eval()
+    torch.testing.assert_close(masked.encoder(ids), plain.encoder(ids))  # evaluation reads every cell
+    with pytest.raises(ValueError, match="embed_dropout"):
+        tiles_config(embed_dropout=1.0)
+    with pytest.raises(ValueError, match="tiles' only"):
+        RSSMConfig.from_preset("tiny", embed_dropout=0.1)
+
+
 def test_config_rejects_unknown_fields_and_wrong_types():
     with pytest.raises(ValueError, match="unknown RSSMConfig field"):
         RSSMConfig.from_dict({"detr": 3})
@@ -143,28 +164,6 @@ def test_kl_balancing_equals_a_plain_loop():
     prior_logits.grad = None
     (0.2 * rep.mean()).backward()
     assert prior_logits.grad is None and post_logits.grad.abs().sum() > 0
-
-
-def test_row_cross_entropy_equals_torch_in_value_and_gradient():
-    """The tile decoder's cross-entropy (models.row_cross_entropy, a leaner backward) against
-    F.cross_entropy and against the formula, with per-row weights on the loss as recon_change_weight makes."""
-    from models import row_cross_entropy
-
-    torch.manual_seed(0)
-    logits = (3 * torch.randn(50, 7)).requires_grad_()
-    target = torch.randint(0, 7, (50,))
-    weight = torch.rand(50)
-    mine = row_cross_entropy(logits, target)
-    torch.testing.assert_close(mine, torch.logsumexp(logits, -1) - logits[torch.arange(50), target])
-    (grad,) = torch.autograd.grad((weight * mine).sum(), logits)
-    reference = torch.nn.functional.cross_entropy(logits, target, reduction="none")
-    torch.testing.assert_close(mine, reference)
-    (expected,) = torch.autograd.grad((weight * reference).sum(), logits)
-    torch.testing.assert_close(grad, expected)
-    by_hand = weight[:, None] * (logits.softmax(-1) - torch.nn.functional.one_hot(target, 7))
-    torch.testing.assert_close(grad, by_hand)
-    with torch.no_grad():  # no graph to build: torch's own
-        torch.testing.assert_close(row_cross_entropy(logits, target), reference.detach())
 
 
 def test_overshooting_equals_a_plain_loop_over_starts_and_steps():
