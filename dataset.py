@@ -9,6 +9,7 @@ and cuts windows of `seq_len` rows that never cross a sequence start.
 torch is imported only where tensors are made, so the collector, which only writes
 chunks, starts in a second instead of four.
 """
+import hashlib
 import os
 import zipfile
 import zlib
@@ -279,18 +280,30 @@ class PokemonDataset:
         return int(self.file_offsets[-1])
 
     def split(self, val_split: float = 0.1, seed: int = 0):
-        """(train_starts, val_starts): whole episodes go to one side, drawn with `seed`."""
+        """(train_starts, val_starts): whole episodes go to one side, drawn with `seed` from the episodes
+        ordered by their content (`episode_key`), not by file order: collect_data.py numbers chunks in the
+        order its workers finish them, so the same data can come in another file order on another day."""
         episodes = np.unique(self.segment_ids[self.window_starts])
         if val_split <= 0:
             return self.window_starts.copy(), np.zeros(0, np.int64)
         if len(episodes) < 2:
             raise UserError(f"{self.data_dir} holds one episode only; a train/validation split by episode "
                             "needs at least two (collect more, or use --val-split 0)")
+        episodes = episodes[np.argsort([self.episode_key(e) for e in episodes], kind="stable")]
         rng = np.random.default_rng(seed)
         n_val = min(len(episodes) - 1, max(1, int(round(val_split * len(episodes)))))
         val_episodes = rng.permutation(episodes)[:n_val]
         is_val = np.isin(self.segment_ids[self.window_starts], val_episodes)
         return self.window_starts[~is_val], self.window_starts[is_val]
+
+    def episode_key(self, segment: int) -> str:
+        """A digest of sequence `segment`'s actions, rewards, places and HP (not its frames, for speed): the same
+        for the same rows wherever their chunk sits in the folder."""
+        first, end = np.searchsorted(self.segment_ids, [segment, segment + 1])
+        digest = hashlib.blake2b(digest_size=16)
+        for key in ("actions", "rewards", "map_ids", "xs", "ys", "facings", "party_hps"):
+            digest.update(np.ascontiguousarray(self.arrays[key][first:end]).tobytes())
+        return digest.hexdigest()
 
     def get_batch(self, starts, keys=None) -> dict:
         """Windows beginning at the global rows `starts` (taken from window_starts or split())

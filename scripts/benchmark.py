@@ -373,7 +373,11 @@ def _training_way(conn, way, data_dir, preset, batch_size, seq_len, threads, cha
     ds = PokemonDataset(data_dir, seq_len=seq_len)
     wm = _world_model(torch, preset, ds.resolution, channels_last, frames=ds.obs)
     if way.startswith("at_"):
-        wm = _model_from_file(Path(against_path), preset, ds.resolution, wm)
+        try:
+            wm = _model_from_file(Path(against_path), preset, ds.resolution, wm)
+        except UserError as err:  # measure_training raises it again: one line, exit 2
+            conn.send(("user", str(err)))
+            return
     wm.train()
     model = torch.compile(wm) if compile_model else wm
     # as train_rssm.py between logged steps: tile ids made once, no frame metrics, fused Adam ("every_step":
@@ -421,6 +425,8 @@ def measure_training(data_dir, preset, batch_size, seq_len, steps, threads, ways
             child.close()
             children[way] = (process, parent)
             info[way] = parent.recv()
+            if isinstance(info[way], tuple) and info[way][0] == "user":
+                raise UserError(info[way][1])
         timings, faults = {way: [] for way in ways}, {way: [] for way in ways}
         for i in range(steps + 1):
             for way in ways:

@@ -90,9 +90,9 @@ def test_imagination_measures_the_model_it_is_given_and_its_variants_in_turns():
         assert variant["value"] > 0 and variant["config"].items() >= fields.items() and name not in every
 
 
-def test_against_another_models_file_times_it_in_turns_or_says_it_differs(tmp_path):
-    """--against's measurement: another models.py with this tree's weights in turns; one whose default preset
-    has other weights is a UserError naming the file."""
+def test_against_another_models_file_times_it_in_turns_or_says_it_differs(tmp_path, collected_data):
+    """--against's measurements: another models.py with this tree's weights in turns (imagination, and the
+    training step); one whose default preset has other weights is a UserError naming the file."""
     from errors import UserError
 
     benchmark = load_script("benchmark")
@@ -107,6 +107,11 @@ def test_against_another_models_file_times_it_in_turns_or_says_it_differs(tmp_pa
     dense.write_text(text.replace("gru_blocks=8, kl_rep=0.5", "gru_blocks=1, kl_rep=0.5"))
     with pytest.raises(UserError, match="models_dense.py: its default preset has other weights"):
         benchmark.measure_imagination(against=("at_dense", str(dense)), **size)
+    train = dict(data_dir=collected_data("144x160"), preset="default", batch_size=2, seq_len=4, steps=1, threads=1)
+    trained = benchmark.measure_training(ways=("at_same", "ours"), against_path=str(same), **train)
+    assert trained["value"] > 0 and trained["ours"] > 0 and trained["config"]["interleaved_with"] == ["ours"]
+    with pytest.raises(UserError, match="models_dense.py: its default preset has other weights"):
+        benchmark.measure_training(ways=("at_dense", "ours"), against_path=str(dense), **train)
 
 
 def test_training_step_as_before_session_10_is_timed_in_turns(collected_data):

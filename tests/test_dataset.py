@@ -83,6 +83,22 @@ def test_split_is_by_episode_deterministic_and_disjoint(tmp_path):
     assert not np.array_equal(ds.split(val_split=0.25, seed=4)[1], val) or len(train_episodes | val_episodes) < 3
 
 
+def test_split_holds_out_the_same_episodes_whatever_the_file_order(tmp_path):
+    """collect_data.py numbers chunks in the order its workers finish them: the same chunks in another
+    file order must hold out the same episodes (by content: party_hps[0] is each row's first write order)."""
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    write_chunks(tmp_path / "a", [[20, 15, 30], [25, 10], [40, 12, 18]])
+    for number, source in enumerate((3, 1, 2), start=1):  # the same files renumbered
+        (tmp_path / "b" / chunk_name(number)).write_bytes((tmp_path / "a" / chunk_name(source)).read_bytes())
+    held_out = []
+    for folder in ("a", "b"):
+        ds = PokemonDataset(tmp_path / folder, seq_len=5)
+        val = ds.split(val_split=0.25, seed=3)[1]
+        rows = ds.get_batch(val)["party_hps"][:, 0, 0]  # each held-out window's first row, as written
+        held_out.append(sorted(rows.tolist()))
+    assert held_out[0] == held_out[1] and held_out[0]
+
+
 def test_evenly_spreads_windows_over_every_episode(tmp_path):
     """Validation (train_rssm.py) and evaluation (evaluate_rssm.py) score windows from all held-out episodes,
     not the first few of an array ordered by episode."""
