@@ -370,14 +370,14 @@ def _training_way(conn, way, data_dir, preset, batch_size, seq_len, threads, cha
         if way == "flipped":  # ours with the preset's memory format flipped
             channels_last = not _default_channels_last(preset)
     torch = _torch(threads)
-    ds = PokemonDataset(data_dir, seq_len=seq_len)
-    wm = _world_model(torch, preset, ds.resolution, channels_last, frames=ds.obs)
-    if way.startswith("at_"):
-        try:
+    try:  # bad input (the data, another models.py): measure_training raises it again, one line and exit 2
+        ds = PokemonDataset(data_dir, seq_len=seq_len)
+        wm = _world_model(torch, preset, ds.resolution, channels_last, frames=ds.obs)
+        if way.startswith("at_"):
             wm = _model_from_file(Path(against_path), preset, ds.resolution, wm)
-        except UserError as err:  # measure_training raises it again: one line, exit 2
-            conn.send(("user", str(err)))
-            return
+    except UserError as err:
+        conn.send(("user", str(err)))  # as _child reports it to isolated()
+        return
     wm.train()
     model = torch.compile(wm) if compile_model else wm
     # as train_rssm.py between logged steps: tile ids made once, no frame metrics, fused Adam ("every_step":
@@ -425,7 +425,7 @@ def measure_training(data_dir, preset, batch_size, seq_len, steps, threads, ways
             child.close()
             children[way] = (process, parent)
             info[way] = parent.recv()
-            if isinstance(info[way], tuple) and info[way][0] == "user":
+            if isinstance(info[way], tuple):  # ("user", message): _training_way refused its input
                 raise UserError(info[way][1])
         timings, faults = {way: [] for way in ways}, {way: [] for way in ways}
         for i in range(steps + 1):
