@@ -15,6 +15,8 @@ that moved against the background (a character walking or turning, a text box; `
 and how many of those still show the previous frame's tile (a belief that did not take in the change); and
 the tile error on the quiet windows alone (no battle, text box or map change in any of their frames).
 Writes results.json, results.md (one table, checkpoints side by side) and drift.png to --out-dir.
+`--probe-latent-noise P` trains the probe with each latent of its inputs randomized with probability P, so
+that an imagined state with a few latents off the posterior's is not read as a different place by that alone.
 `--episodes train` scores the training episodes instead (the same measures; against the held-out
 figures, the generalisation gap).
 """
@@ -26,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 import artifacts
@@ -51,6 +54,9 @@ def parse_args(argv=None):
     p.add_argument("--max-sequences", type=int, default=256, help="windows of --episodes to imagine from")
     p.add_argument("--probe-windows", type=int, default=1024, help="training windows whose frames train the probe")
     p.add_argument("--probe-steps", type=int, default=3000, help="Adam steps of probe training")
+    p.add_argument("--probe-latent-noise", type=float, default=0.0, metavar="P",
+                   help="train the probe on posterior features whose categorical latents are each replaced by a "
+                        "random class with probability P (a probe that a few wrong latents do not throw; 0: off)")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     p.add_argument("--out-dir", default="outputs/eval_rssm", help="where results.json/.md and drift.png go")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run")
@@ -62,6 +68,8 @@ def parse_args(argv=None):
         raise UserError(f"{len(args.labels)} --labels for {len(args.checkpoints)} --checkpoints; give one per checkpoint")
     if args.horizon < 1 or args.context < 1:
         raise UserError("--horizon and --context must be at least 1")
+    if not 0.0 <= args.probe_latent_noise < 1.0:
+        raise UserError(f"--probe-latent-noise {args.probe_latent_noise} is not a probability below 1; use e.g. 0.1 (0: off)")
     return args
 
 
@@ -85,7 +93,20 @@ def scene_of(batch: dict) -> torch.Tensor:
     return torch.where(batch["in_battles"], 2, torch.where(batch["dialog_opens"], 1, 0))
 
 
-def train_probe(feats: torch.Tensor, targets: dict, steps: int, seed: int) -> StateProbe:
+def randomize_latents(feat: torch.Tensor, deter: int, stoch: int, classes: int, p: float,
+                      generator: torch.Generator) -> torch.Tensor:
+    """Features (N, D + stoch * classes) [h, one-hot z] -> a copy in which each of the stoch latents is, with
+    probability p, a one-hot of a class drawn uniformly (h untouched)."""
+    z = feat[:, deter:].view(-1, stoch, classes)
+    swap = torch.rand(z.shape[:2], generator=generator) < p  # (N, stoch)
+    drawn = F.one_hot(torch.randint(classes, z.shape[:2], generator=generator), classes).to(z.dtype)
+    return torch.cat([feat[:, :deter], torch.where(swap.unsqueeze(-1), drawn, z).flatten(1)], -1)
+
+
+def train_probe(feats: torch.Tensor, targets: dict, steps: int, seed: int, latent_noise: float = 0.0,
+                layout: tuple[int, int, int] | None = None) -> StateProbe:
+    """A StateProbe fitted to posterior features (N, T, F); latent_noise > 0 needs the features' layout
+    (deter, stoch, classes) and randomizes that share of each batch's latents (`randomize_latents`)."""
     torch.manual_seed(seed)
     x = feats.flatten(0, 1)  # (N*T, F)
     xy = torch.stack([targets["xs"], targets["ys"]], -1).flatten(0, 1).float()
@@ -95,7 +116,8 @@ def train_probe(feats: torch.Tensor, targets: dict, steps: int, seed: int) -> St
     generator = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         idx = torch.randint(len(x), (min(512, len(x)),), generator=generator)
-        loss = probe.loss(x[idx], xy[idx], maps[idx])
+        inputs = randomize_latents(x[idx], *layout, latent_noise, generator) if latent_noise > 0 else x[idx]
+        loss = probe.loss(inputs, xy[idx], maps[idx])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -118,7 +140,8 @@ def evaluate_checkpoint(path: Path, ds, train_starts, scored_starts, args, devic
         raise UserError(f"{path} expects {wm.cfg.image_size[0]}x{wm.cfg.image_size[1]} frames but {args.data_dir} "
                         f"holds {ds.resolution[0]}x{ds.resolution[1]}")
     feats, targets = posterior_features(wm, ds, evenly(train_starts, args.probe_windows), args.batch_size, device)
-    probe = train_probe(feats, targets, args.probe_steps, args.seed)
+    layout = (wm.cfg.deter, wm.cfg.stoch, wm.cfg.classes)
+    probe = train_probe(feats, targets, args.probe_steps, args.seed, args.probe_latent_noise, layout)
     if args.save_probe and path == Path(args.checkpoints[0]):
         checkpoint.save_checkpoint(args.save_probe, kind="rssm_probe", config=dataclasses.asdict(probe.cfg),
                                    model_state=probe.state_dict(), step=args.probe_steps,
@@ -314,6 +337,7 @@ def main(argv=None):
     out = Path(args.out_dir)
     artifacts.write_json(out / "results.json", {"data_dir": str(args.data_dir), "horizon": args.horizon,
                                                 "context": args.context, "episodes": args.episodes,
+                                                "probe_latent_noise": args.probe_latent_noise,
                                                 "results": results})
     artifacts.write_text(out / "results.md", markdown(results, args.horizon, args.episodes))
     plot(results, out / "drift.png")

@@ -682,6 +682,29 @@ def test_evaluate_rssm_writes_k_finite_rows_for_two_checkpoints(tiny_run, data_d
     assert "quiet windows" in (tmp_path / "results.md").read_text()
 
 
+def test_probe_latent_noise_redraws_whole_latents_and_leaves_h_alone(tiny_run, data_dir, tmp_path):
+    randomize = load_script("evaluate_rssm").randomize_latents
+    deter, stoch, classes, n = 5, 64, 4, 2000
+    h = torch.randn(n, deter)
+    z = torch.nn.functional.one_hot(torch.randint(classes, (n, stoch)), classes).float()
+    feat = torch.cat([h, z.flatten(1)], -1)
+    out = randomize(feat, deter, stoch, classes, 0.3, torch.Generator().manual_seed(0))
+    assert torch.equal(out[:, :deter], h)
+    new = out[:, deter:].view(n, stoch, classes)
+    assert torch.equal(new.sum(-1), torch.ones(n, stoch)) and set(new.unique().tolist()) == {0.0, 1.0}
+    changed = (new != z).any(-1).float().mean().item()  # redrawn with p 0.3, and a redraw differs 3 times in 4
+    assert changed == pytest.approx(0.3 * (1 - 1 / classes), abs=0.01)
+    assert torch.equal(randomize(feat, deter, stoch, classes, 0.0, torch.Generator()), feat)
+    done = run_script("evaluate_rssm.py", "--checkpoints", tiny_run / "best_world_model.pt", "--data-dir", data_dir,
+                      "--horizon", 3, "--max-sequences", 4, "--probe-windows", 4, "--probe-steps", 5,
+                      "--probe-latent-noise", 0.1, "--out-dir", tmp_path, "--threads", 1)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((tmp_path / "results.json").read_text())["probe_latent_noise"] == 0.1
+    bad = run_script("evaluate_rssm.py", "--checkpoints", tiny_run / "best_world_model.pt", "--data-dir", data_dir,
+                     "--probe-latent-noise", 1.5, "--out-dir", tmp_path)
+    assert bad.returncode == 2 and "--probe-latent-noise" in bad.stderr
+
+
 def test_evaluate_rssm_scores_the_training_episodes_when_asked(tiny_run, data_dir, tmp_path):
     done = run_script("evaluate_rssm.py", "--checkpoints", tiny_run / "best_world_model.pt", "--data-dir", data_dir,
                       "--episodes", "train", "--horizon", 4, "--max-sequences", 4, "--probe-windows", 4,
@@ -716,3 +739,43 @@ def test_demo_video_is_playable_with_the_expected_frame_count(tiny_run, cartridg
     assert frames.shape == (6, 22 + 288, 3 * 320, 3)  # a label bar over each 2x-scaled panel
     assert len(iio.imread(gif)) == 6
     assert not list(tmp_path.glob(".*")), "a temporary file was left behind"
+
+
+def test_predictability_replays_the_logged_path_and_refuses_another_start(cartridge_rom, start_state_file, tmp_path):
+    """scripts/predictability.py: the game's own floor under the drift, by replay in the emulator."""
+    data = tmp_path / "data"  # episodes of 100 in chunks of 200: every episode replayable from the start
+    done = run_script("collect_data.py", "--rom", cartridge_rom, "--out-dir", data, "--total-steps", 400,
+                      "--episode-length", 100, "--save-interval", 200, "--seed", 1, "--policy", "explore",
+                      "--save-state", start_state_file)
+    assert done.returncode == 0, done.stderr[-3000:]
+    done = run_script("predictability.py", "--rom", cartridge_rom, "--save-state", start_state_file, "--data-dir", data,
+                      "--val-split", 0.5, "--horizon", 12, "--max-sequences", 6, "--draws", 3, "--out-dir", tmp_path / "out")
+    assert done.returncode == 0, done.stderr[-3000:]
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["windows"] == 6 and saved["skipped_windows"] == 0 and len(saved["steps"]) == 12
+    from dataset import PokemonDataset, evenly
+
+    ds = PokemonDataset(data, seq_len=13)  # the no-move baseline of the windows evaluate_rssm.py would score
+    batch = ds.get_batch(evenly(ds.split(0.5, seed=0)[1], 6))
+    stay = ((batch["xs"][:, 1:] - batch["xs"][:, :1]).abs() + (batch["ys"][:, 1:] - batch["ys"][:, :1]).abs()).float()
+    assert [s["stay"] for s in saved["steps"]] == pytest.approx(stay.mean(0).tolist())
+    assert all(0 <= s["median"] and 0 <= s["drawn"] for s in saved["steps"])
+    floor_errors = load_script("predictability").floor_errors
+    logged = np.array([[[0, 5, 5], [0, 6, 5]]])  # (1 window, K 2, (map, x, y))
+    futures = np.array([[[[0, 5, 5], [0, 6, 5]], [[0, 5, 5], [0, 6, 7]], [[0, 5, 5], [0, 6, 5]]]])  # 3 draws
+    drawn, median = floor_errors(futures, logged)
+    assert drawn.tolist() == [[0, pytest.approx(2 / 3)]] and median.tolist() == [[0, 0]]
+    # a start state the data did not start from: the replay leaves the logged path -> one error line, exit 2
+    from env import open_emulator, step_emulator
+    from save_states import load_state_bytes, save_state_bytes
+
+    pyboy, _ = open_emulator(cartridge_rom)
+    load_state_bytes(pyboy, start_state_file.read_bytes())
+    for action in (2, 2, 2, 2):  # ACTIONS[2]: right, a turn and three steps away
+        step_emulator(pyboy, action)
+    other = tmp_path / "moved.state"
+    other.write_bytes(save_state_bytes(pyboy))
+    pyboy.stop(save=False)
+    bad = run_script("predictability.py", "--rom", cartridge_rom, "--save-state", other, "--data-dir", data,
+                     "--val-split", 0.5, "--horizon", 12, "--max-sequences", 6, "--draws", 1, "--out-dir", tmp_path / "bad")
+    assert bad.returncode == 2 and "leaves the logged path" in bad.stderr, bad.stderr[-2000:]
