@@ -521,8 +521,8 @@ _RSSM_PRESET_FIELDS = {
     # Tried and not adopted (session 14): lr 2e-3 (24.85 dB validation after 2,187 updates against 27.14-27.56)
     # and overshoot_scale 1.0 (27.02 dB there; held out it drifts more). Tried and not adopted (session 15): hiding
     # 15% of the encoder's input cells (embed_dropout=0.15) reconstructs 0.7 dB worse and drifts more.
-    # Tried and not adopted (session 16, 20 minutes, seed 0): 32 x 8 latents (classes=8) and a GRU state of 512
-    # (deter=512) drift more on held-out episodes at steps 29 and 50.
+    # Tried and not adopted (session 16, 20 minutes, seed 0): 32 x 8 latents (classes=8), a GRU state of 512
+    # (deter=512) and a prior of two hidden layers (prior_layers=2) drift more at step 50 on held-out episodes.
     "default": dict(frame_model="tiles", conv_channels=(64, 128), conv_strides=(8, 2), lr=1e-3, overshoot=5,
                     gru_blocks=8, kl_rep=0.5),
     # The same RSSM and heads on RGB pixels (MSE): a stride-4 patch conv then two stride-2 convs down to
