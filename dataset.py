@@ -167,6 +167,13 @@ def world_model_inputs(ds: "PokemonDataset", starts, device, tile_ids=None, with
     return inputs
 
 
+def quiet_windows(batch: dict):
+    """(B,) bool of a get_batch dict: the windows with no battle, no open text box and no map change in any frame
+    (the events a prior following its most likely latents cannot foresee)."""
+    maps = batch["map_ids"]
+    return ~batch["in_battles"].any(1) & ~batch["dialog_opens"].any(1) & (maps == maps[:, :1]).all(1)
+
+
 def evenly(starts: np.ndarray, count: int) -> np.ndarray:
     """Up to `count` windows spread over the whole array (deterministic): every episode of a split, not the
     first few, when the array is ordered by episode."""

@@ -34,7 +34,7 @@ from tqdm import tqdm
 import artifacts
 import checkpoint
 import imagination
-from dataset import PokemonDataset, evenly, frames_to_float
+from dataset import PokemonDataset, evenly, frames_to_float, quiet_windows
 from errors import UserError, cli
 from models import StateProbe, StateProbeConfig, aligned_previous, psnr, sprite_changes
 
@@ -169,9 +169,7 @@ def evaluate_checkpoint(path: Path, ds, train_starts, scored_starts, args, devic
         stay = (xs - batch["xs"][:, C - 1:C].float()).abs() + (ys - batch["ys"][:, C - 1:C].float()).abs()
         sums["stay_tile_error"] += stay.sum(0)
         count += len(frames)
-        # quiet windows: no battle, text box or map change in any frame (events a greedy prior cannot foresee)
-        scene = scene_of(batch)  # (B, C + K)
-        quiet = (scene == 0).all(1) & (batch["map_ids"] == batch["map_ids"][:, :1]).all(1)
+        quiet = quiet_windows(batch)
         quiet_sums["quiet_tile_error"] += error[quiet].sum(0)
         quiet_sums["quiet_stay_tile_error"] += stay[quiet].sum(0)
         quiet_count += int(quiet.sum())
@@ -189,7 +187,7 @@ def evaluate_checkpoint(path: Path, ds, train_starts, scored_starts, args, devic
                                ("wrong_changed", (wrong & changed).sum()), ("stale", (wrong & changed & (ids == prev)).sum())):
                 tile_sums[key] += int(value)
         recon_mse.append((recon - frames).pow(2).mean((-3, -2, -1)).flatten().cpu())
-        scenes.append(scene.flatten())
+        scenes.append(scene_of(batch).flatten())
         e, a = probe_scores(probe, ctx["feat"].cpu(), batch["xs"].float(), batch["ys"].float(), batch["map_ids"])
         post_err.append(e.flatten()), post_acc.append(a.flatten())
     # PSNR of the mean squared error over all frames: exactly predicted frames (likely with tile tokens)

@@ -5,13 +5,14 @@
 The open cartridge is deterministic but for its random numbers (wild battles, NPC walks, damage), drawn
 from one xorshift state in RAM (`wRandom`). For the same held-out windows evaluate_rssm.py scores (same
 split, seed, --context, --horizon, --max-sequences), each episode is replayed from the start state with its
-logged actions (the replay must reproduce the logged places, else the data came from another ROM or start
-state); at each window's last context frame the random state is redrawn --draws times, and the window's
-logged actions are played on from there. Per step k = 1..K: the Manhattan tile error of one such future
-against the logged one, and of the per-coordinate median of the draws (the best single guess a model
-that knows everything but the random state could make, estimated), on all windows and on the quiet ones
-(no battle, text box or map change, as in evaluate_rssm.py); and the no-move baseline. A world model's
-imagined tile error cannot go below this floor except by chance. Writes results.json and results.md.
+logged actions; the replay must reproduce the logged places, else one error line (the data came from another
+ROM or start state, or an episode was cut across chunks: collect with --save-interval a multiple of
+--episode-length, as make demo does). At each window's last context frame the random state is redrawn
+--draws times and the window's logged actions are played on from there. Per step k = 1..K: the Manhattan
+tile error of one such future against the logged one, and of the per-coordinate median of the draws (the
+best single guess a model that knows everything but the random state could make, estimated), on all windows
+and on the quiet ones (`dataset.quiet_windows`, as evaluate_rssm.py); and the no-move baseline. A world
+model's imagined tile error cannot go below this floor except by chance. Writes results.json and results.md.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from tqdm import tqdm
 
 import artifacts
 import env as environment
-from dataset import PokemonDataset, evenly
+from dataset import PokemonDataset, evenly, quiet_windows
 from errors import UserError, cli
 from game_state import read_state
 from save_states import load_state_bytes, save_state_bytes
@@ -55,45 +56,37 @@ def place(state) -> tuple[int, int, int]:
     return state.map_id, state.x, state.y
 
 
-def replayable(ds: PokemonDataset) -> np.ndarray:
-    """(rows,) bool: the row's sequence begins with an episode's first step (collect_data.py cuts an episode
-    that outlasts a chunk; its rest, in a later chunk, cannot be replayed from the start state)."""
-    first_rows = ds.file_offsets[:-1]
-    true_start = np.array([bool(np.load(path)["episode_starts"][0]) for path in ds.files])
-    good = np.ones(ds.segment_ids.max() + 1, bool)
-    good[ds.segment_ids[first_rows[~true_start]]] = False
-    return good[ds.segment_ids]
-
-
 def replay(env, ds: PokemonDataset, windows: np.ndarray, context: int, horizon: int, draws: int,
-           ticks: int, rng: np.random.Generator) -> np.ndarray:
+           rng: np.random.Generator) -> np.ndarray:
     """(W, draws, horizon, 3) (map, x, y) after each of the logged actions from each window's frame
     context - 1 on, the random state redrawn there."""
     a, seg = ds.arrays, ds.segment_ids
     out = np.zeros((len(windows), draws, horizon, 3), np.int64)
-    order = np.argsort(windows, kind="stable")
-    current, row = None, 0
-    for wi in tqdm(order, desc="replaying", unit="window"):
+    episode = first = row = None
+    for wi in tqdm(np.argsort(windows, kind="stable"), desc="replaying", unit="window"):
         start = int(windows[wi]) + context - 1  # the last context frame
-        if seg[start] != current:  # a new episode: from the start state
-            current = seg[start]
-            row = int(np.flatnonzero(seg == current)[0])
+        if seg[start] != episode:  # another episode: from the start state
+            episode = seg[start]
+            first = row = int(np.searchsorted(seg, episode))
             env.reset(options={"state_index": 0})
-        while row < start:
-            env.step(int(a["actions"][row]))
-            row += 1
+        while True:
             logged = (int(a["map_ids"][row]), int(a["xs"][row]), int(a["ys"][row]))
             if place(env.state) != logged:
-                raise UserError(f"replaying episode {current} with its logged actions leaves the logged path at its "
-                                f"step {row - int(np.flatnonzero(seg == current)[0])} ({place(env.state)} against "
-                                f"{logged}): collect the data from this --save-state and --rom (one start state)")
+                raise UserError(f"replaying episode {episode} with its logged actions leaves the logged path at its "
+                                f"step {row - first} ({place(env.state)} against {logged}): collect the data from "
+                                "this --save-state and --rom, one start state, --save-interval a multiple of "
+                                "--episode-length (an episode cut across chunks cannot be replayed from its start)")
+            if row == start:
+                break
+            env.step(int(a["actions"][row]))
+            row += 1
         saved = save_state_bytes(env.pyboy)
         for d in range(draws):
             load_state_bytes(env.pyboy, saved)
             value = int(rng.integers(1, 1 << 16))  # xorshift's state must not be 0
             env.pyboy.memory[RANDOM_STATE], env.pyboy.memory[RANDOM_STATE + 1] = value & 0xFF, value >> 8
             for k in range(horizon):
-                environment.step_emulator(env.pyboy, int(a["actions"][start + k]), ticks)
+                environment.step_emulator(env.pyboy, int(a["actions"][start + k]), env.ticks_per_action)
                 out[wi, d, k] = place(read_state(env.pyboy, env.rom.game))
         load_state_bytes(env.pyboy, saved)
     return out
@@ -122,29 +115,18 @@ def main(argv=None):
     if len(starts) == 0:
         raise UserError(f"{args.data_dir}: no {args.episodes} windows of {C + K} steps; lower --horizon")
     windows = evenly(starts, args.max_sequences)
-    ok = replayable(ds)[windows]
-    if not ok.all():
-        print(f"skipping {int((~ok).sum())} of {len(windows)} windows: their episodes began in an earlier chunk "
-              "(collect with --save-interval a multiple of --episode-length to replay them all)", flush=True)
-        windows = windows[ok]
-        if len(windows) == 0:
-            raise UserError(f"{args.data_dir}: no window can be replayed from the start state; collect with "
-                            "--save-interval a multiple of --episode-length")
     env = environment.PokemonEnv(args.rom, save_states=[args.save_state], episode_length=10 ** 9,
                                  ticks_per_action=args.ticks_per_action)
     try:
-        futures = replay(env, ds, windows, C, K, args.draws, args.ticks_per_action, np.random.default_rng(args.seed))
+        futures = replay(env, ds, windows, C, K, args.draws, np.random.default_rng(args.seed))
     finally:
         env.close()
-    a = ds.arrays
-    rows = windows[:, None] + C + np.arange(K)  # the scored frames C .. C + K - 1
-    logged = np.stack([a["map_ids"][rows], a["xs"][rows], a["ys"][rows]], -1).astype(np.int64)
+    batch = ds.get_batch(windows, keys=("map_ids", "xs", "ys", "in_battles", "dialog_opens"))  # (W, C + K)
+    places = np.stack([batch[key].numpy() for key in ("map_ids", "xs", "ys")], -1)  # (W, C + K, 3)
+    logged = places[:, C:]  # the scored frames C .. C + K - 1
     drawn, median = floor_errors(futures, logged)
-    last = windows + C - 1
-    stay = np.abs(logged[..., 1] - a["xs"][last, None]) + np.abs(logged[..., 2] - a["ys"][last, None])
-    span = windows[:, None] + np.arange(C + K)
-    quiet = (~a["in_battles"][span].any(1) & ~a["dialog_opens"][span].any(1)
-             & (a["map_ids"][span] == a["map_ids"][span[:, :1]]).all(1))
+    stay = np.abs(logged[..., 1:] - places[:, C - 1:C, 1:]).sum(-1)  # the no-move baseline
+    quiet = quiet_windows(batch).numpy()
     steps = [{"k": k + 1, "drawn": float(drawn[:, k].mean()), "median": float(median[:, k].mean()),
               "stay": float(stay[:, k].mean()),
               "quiet_drawn": float(drawn[quiet, k].mean()) if quiet.any() else None,
@@ -152,8 +134,7 @@ def main(argv=None):
     out = Path(args.out_dir)
     artifacts.write_json(out / "results.json", {"data_dir": str(args.data_dir), "episodes": args.episodes,
                                                 "context": C, "horizon": K, "draws": args.draws,
-                                                "windows": len(windows), "skipped_windows": int((~ok).sum()),
-                                                "quiet_windows": int(quiet.sum()),
+                                                "windows": len(windows), "quiet_windows": int(quiet.sum()),
                                                 "steps": steps})
     lines = [f"# The game's own unpredictability on {len(windows)} {args.episodes} windows ({int(quiet.sum())} quiet), "
              f"{args.draws} random states each", "",

@@ -752,7 +752,7 @@ def test_predictability_replays_the_logged_path_and_refuses_another_start(cartri
                       "--val-split", 0.5, "--horizon", 12, "--max-sequences", 6, "--draws", 3, "--out-dir", tmp_path / "out")
     assert done.returncode == 0, done.stderr[-3000:]
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert saved["windows"] == 6 and saved["skipped_windows"] == 0 and len(saved["steps"]) == 12
+    assert saved["windows"] == 6 and len(saved["steps"]) == 12
     from dataset import PokemonDataset, evenly
 
     ds = PokemonDataset(data, seq_len=13)  # the no-move baseline of the windows evaluate_rssm.py would score
@@ -760,7 +760,19 @@ def test_predictability_replays_the_logged_path_and_refuses_another_start(cartri
     stay = ((batch["xs"][:, 1:] - batch["xs"][:, :1]).abs() + (batch["ys"][:, 1:] - batch["ys"][:, :1]).abs()).float()
     assert [s["stay"] for s in saved["steps"]] == pytest.approx(stay.mean(0).tolist())
     assert all(0 <= s["median"] and 0 <= s["drawn"] for s in saved["steps"])
-    floor_errors = load_script("predictability").floor_errors
+    predictability = load_script("predictability")
+    # one worker, episodes of 150 in chunks of 200: the second chunk begins with the rest of an episode, which
+    # cannot be replayed from the start state -> one error line, exit 2 (every training window is scored)
+    cut = tmp_path / "cut"
+    done = run_script("collect_data.py", "--rom", cartridge_rom, "--out-dir", cut, "--total-steps", 400, "--workers", 1,
+                      "--episode-length", 150, "--save-interval", 200, "--seed", 1, "--policy", "explore",
+                      "--save-state", start_state_file)
+    assert done.returncode == 0, done.stderr[-3000:]
+    bad = run_script("predictability.py", "--rom", cartridge_rom, "--save-state", start_state_file, "--data-dir", cut,
+                     "--val-split", 0, "--episodes", "train", "--horizon", 12, "--max-sequences", 1000, "--draws", 1,
+                     "--out-dir", tmp_path / "cut_out")
+    assert bad.returncode == 2 and "cut across chunks" in bad.stderr, bad.stderr[-2000:]
+    floor_errors = predictability.floor_errors
     logged = np.array([[[0, 5, 5], [0, 6, 5]]])  # (1 window, K 2, (map, x, y))
     futures = np.array([[[[0, 5, 5], [0, 6, 5]], [[0, 5, 5], [0, 6, 7]], [[0, 5, 5], [0, 6, 5]]]])  # 3 draws
     drawn, median = floor_errors(futures, logged)
