@@ -361,6 +361,10 @@ class RSSMConfig:
     # > 0: the decoder first maps the features through a hidden layer of this width (Linear -> norm -> act,
     # the MLPs' norm and activation), then to its coarsest grid; 0: one linear layer from the features to the grid
     decoder_hidden: int = 0
+    # "tiles" only, > 0: a per-cell branch of this width at the tile grid: each cell adds
+    # Linear(act(norm(Linear(features) + its own learned vector))) to the features the tile head reads, so that
+    # what the features say can land on one cell (a character at any place) without a code per place; 0: off
+    decoder_broadcast: int = 0
     # recurrent state-space model
     deter: int = 256  # GRU state size D
     stoch: int = 32  # number of categorical latents
@@ -396,6 +400,11 @@ class RSSMConfig:
     # state of a window, and each k-step prior is pulled to the posterior k frames later (0: off)
     overshoot: int = 0  # the default preset uses 5
     overshoot_scale: float = 0.5  # weight of the overshooting KL (clipped at free_nats, like kl_dyn)
+    # > 0: RAM heads on the features [h, z] (`PlaceHead`: the player's tile x and y, the map id and the facing,
+    # each a cross-entropy over its byte's values), trained with this weight on every posterior state and, with
+    # overshoot, on every open-loop prior state, so that the state tracks where the player is and imagination
+    # keeps it (privileged information from the logged RAM, as the reward is; the data always has it; 0: off)
+    place_scale: float = 0.0
     reward_scale: float = 1.0
     continue_scale: float = 1.0
     grad_clip: float = 1000.0  # max global grad norm
@@ -407,6 +416,10 @@ class RSSMConfig:
     # > 0: train_rssm.py steps AdamW with this decoupled weight decay on every matrix and kernel (not on biases
     # or norm gains); 0: plain Adam
     weight_decay: float = 0.0
+    # "bfloat16": train_rssm.py runs each training step's forward pass under torch.autocast in bfloat16 (matrix
+    # products and convolutions; weights, optimizer and validation stay float32): more updates per minute on a CPU
+    # with AVX-512 BF16 or a GPU; "float32": plain
+    train_precision: str = "float32"
     # train_rssm.py draws each training window that shows a battle this many times per epoch (battles are ~1.5%
     # of make demo's frames and the hardest to reconstruct); 1: every window once
     battle_repeats: int = 1
@@ -451,6 +464,7 @@ class RSSMConfig:
             "decoder_output": ("sigmoid", "linear"), "gru": ("torch", "layernorm"), "mlp_norm": ("none", "layer", "rms"),
             "sampler": ("gumbel", "categorical"), "reward_head": ("mse", "twohot"), "recon_loss": ("mean", "sum"),
             "frame_model": ("pixels", "tiles"), "lr_schedule": ("constant", "cosine"),
+            "train_precision": ("float32", "bfloat16"),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -464,6 +478,9 @@ class RSSMConfig:
             raise ValueError("RSSMConfig.gru_blocks > 1 needs gru='layernorm'")
         if self.prior_layers < 0:
             raise ValueError(f"RSSMConfig.prior_layers={self.prior_layers} must be >= 0")
+        if self.decoder_broadcast < 0 or (self.decoder_broadcast and self.frame_model != "tiles"):
+            raise ValueError(f"RSSMConfig.decoder_broadcast={self.decoder_broadcast} must be >= 0, and applies to "
+                             "frame_model='tiles' only")
         if self.decoder_blocks < 0 or self.decoder_hidden < 0:
             raise ValueError(f"RSSMConfig.decoder_blocks={self.decoder_blocks} and decoder_hidden={self.decoder_hidden} "
                              "must be >= 0")
@@ -483,6 +500,8 @@ class RSSMConfig:
             raise ValueError(f"RSSMConfig.lr_final={self.lr_final} must be in [0, 1] (a fraction of lr)")
         if self.overshoot < 0 or self.overshoot_scale < 0:
             raise ValueError("RSSMConfig.overshoot and overshoot_scale must be >= 0")
+        if self.place_scale < 0:
+            raise ValueError(f"RSSMConfig.place_scale={self.place_scale} must be >= 0")
         factor = math.prod(self.conv_strides)
         height, width = self.image_size
         if height % factor or width % factor:
@@ -523,8 +542,11 @@ _RSSM_PRESET_FIELDS = {
     # 15% of the encoder's input cells (embed_dropout=0.15) reconstructs 0.7 dB worse and drifts more.
     # Tried and not adopted (session 16, 20 minutes, seed 0): 32 x 8 latents (classes=8), a GRU state of 512
     # (deter=512) and a prior of two hidden layers (prior_layers=2) drift more at step 50 on held-out episodes.
+    # Place heads on the posterior and open-loop states (place_scale=10; session 17, two seeds of 20 minutes: tile
+    # error 2.49 / 3.43 and 2.69 / 3.86 at steps 29 / 50 against session 16's 3.43 / 4.29 and 3.72 / 4.71 without).
+    # Tried and not adopted (session 17, one seed): a per-cell branch in the decoder (decoder_broadcast=256).
     "default": dict(frame_model="tiles", conv_channels=(64, 128), conv_strides=(8, 2), lr=1e-3, overshoot=5,
-                    gru_blocks=8, kl_rep=0.5),
+                    gru_blocks=8, kl_rep=0.5, place_scale=10.0),
     # The same RSSM and heads on RGB pixels (MSE): a stride-4 patch conv then two stride-2 convs down to
     # 9x10, the mirror decoder. For frames that are not native Game Boy frames (downscaled, colour).
     "pixels": dict(),
@@ -650,6 +672,14 @@ class Decoder(nn.Module):
             last = i + 1 == len(channels)
             if last and cfg.frame_model == "tiles":  # at the tile grid: logits over the codebook per cell
                 self.tile_head = nn.Linear(inp, cfg.tile_vocab)
+                self.broadcast = None
+                if cfg.decoder_broadcast:
+                    cells = (cfg.image_size[0] // 8, cfg.image_size[1] // 8)
+                    self.broadcast = nn.ModuleDict({
+                        "inp": nn.Linear(feat, cfg.decoder_broadcast),
+                        "out": nn.Sequential(_mlp_norm(cfg.mlp_norm, cfg.decoder_broadcast), _ACTIVATIONS[cfg.mlp_act](),
+                                             nn.Linear(cfg.decoder_broadcast, inp))})
+                    self.cell_codes = nn.Parameter(torch.randn(*cells, cfg.decoder_broadcast))
                 break
             out = 3 if last else channels[i + 1]
             kernel, padding = _kernel_padding(stride)
@@ -670,7 +700,10 @@ class Decoder(nn.Module):
             x = x.contiguous(memory_format=torch.channels_last)
         x = self.deconvs(x)
         if self.tiles:  # in channels-last memory the permute is free and the logits come out contiguous
-            return self.tile_head(x.permute(0, 2, 3, 1))  # (N, H/8, W/8, V)
+            x = x.permute(0, 2, 3, 1)  # (N, H/8, W/8, C)
+            if self.broadcast is not None:  # every cell: its own code + the features, one hidden layer
+                x = x + self.broadcast["out"](self.broadcast["inp"](feat)[:, None, None] + self.cell_codes)
+            return self.tile_head(x)  # (N, H/8, W/8, V)
         return x.contiguous()  # (N, 3, H, W)
 
 
@@ -712,7 +745,7 @@ class NormGRUCell(nn.Module):
         update = torch.sigmoid(update - 1.0)  # biased towards keeping the state
         if out is not None:
             return torch.lerp(h.view_as(cand), cand, update, out=out.view_as(cand)).view_as(out)
-        new = torch.lerp(h.view_as(cand), cand, update)  # update * cand + (1 - update) * h
+        new = torch.lerp(h.view_as(cand), cand.to(h.dtype), update.to(h.dtype))  # update * cand + (1 - update) * h
         return new.reshape(*lead, -1)
 
 
@@ -996,6 +1029,36 @@ def sprite_changes(ids: torch.Tensor, prev: torch.Tensor | None = None) -> torch
     return (prev >= 0) & (prev != ids)
 
 
+class PlaceHead(nn.Module):
+    """Features (..., F) -> logits of where the player is: tile x, tile y and map id (one byte each: 256
+    classes) and facing (4: RAM's 0 / 4 / 8 / 12 divided by 4). Trained on RAM with `RSSMConfig.place_scale`."""
+
+    FIELDS = (("xs", 256), ("ys", 256), ("map_ids", 256), ("facings", 4))
+
+    def __init__(self, cfg: RSSMConfig):
+        super().__init__()
+        self.sizes = [size for _, size in self.FIELDS]
+        self.net = mlp(cfg.deter + cfg.stoch * cfg.classes, cfg.head_hidden, 1, sum(self.sizes),
+                       norm=cfg.mlp_norm, act=cfg.mlp_act)
+
+    def forward(self, feat) -> dict:
+        logits = self.net(feat).split(self.sizes, -1)
+        return {name: part for (name, _), part in zip(self.FIELDS, logits)}
+
+    @staticmethod
+    def targets(places: dict) -> dict:
+        """get_batch's (B, T) "xs", "ys", "map_ids", "facings" -> the heads' class ids (facings // 4, kept in 0..3
+        should a ROM ever leave another value in the facing byte)."""
+        return {name: ((places[name] // 4).clamp(0, 3) if name == "facings" else places[name]).long()
+                for name, _ in PlaceHead.FIELDS}
+
+    def loss(self, feat, targets: dict):
+        """Sum over the four heads of the mean cross-entropy; feat (..., F), targets (...) class ids."""
+        logits = self(feat)
+        return sum(F.cross_entropy(logits[name].reshape(-1, size), targets[name].reshape(-1))
+                   for name, size in self.FIELDS)
+
+
 class WorldModel(nn.Module):
     """Encoder + RSSM + decoder + reward and continue heads; `forward` returns the training loss."""
 
@@ -1008,12 +1071,15 @@ class WorldModel(nn.Module):
         self.tiles = TileCodebook(cfg.tile_vocab, cfg.image_size) if cfg.frame_model == "tiles" else None
         self.reward_head = ScalarHead(cfg, cfg.reward_head, layers=1)
         self.cont_head = mlp(self.feat_dim, cfg.head_hidden, 1, 1, norm=cfg.mlp_norm, act=cfg.mlp_act)
+        self.place_head = PlaceHead(cfg) if cfg.place_scale > 0 else None
         self.loss_weights = {
             "recon": cfg.recon_scale, "kl_dyn": cfg.kl_scale * cfg.kl_dyn, "kl_rep": cfg.kl_scale * cfg.kl_rep,
             "reward": cfg.reward_scale, "cont": cfg.continue_scale,
         }
         if cfg.overshoot > 0:
             self.loss_weights["overshoot"] = cfg.kl_scale * cfg.overshoot_scale
+        if cfg.place_scale > 0:
+            self.loss_weights["place"] = cfg.place_scale
         if cfg.channels_last:
             self.encoder.to(memory_format=torch.channels_last)
             self.decoder.to(memory_format=torch.channels_last)
@@ -1062,14 +1128,15 @@ class WorldModel(nn.Module):
     def continue_prob(self, feat):
         return torch.sigmoid(self.cont_head(feat).squeeze(-1))
 
-    def forward(self, frames, actions, rewards, continues, tile_ids=None, frame_metrics: bool = True):
+    def forward(self, frames, actions, rewards, continues, tile_ids=None, frame_metrics: bool = True, places=None):
         """Training loss on a batch of windows.
 
         frames (B, T, 3, H, W) in [0, 1]; actions (B, T) (a_t taken after frame t); rewards, continues (B, T)
         (r_t received for a_t; continues_t = 0 when the episode ended after a_t). A tiles model may be given
         the frames' tile ids (B, T, H/8, W/8) instead (`TileCodebook.tokenize_uint8`, once for a whole
         dataset, so that no step tokenizes); frames are then needed only for `frame_metrics` (recon_mse
-        and psnr, which render the most likely tiles, a cost worth skipping on unlogged steps).
+        and psnr, which render the most likely tiles, a cost worth skipping on unlogged steps). `places`:
+        get_batch's (B, T) "xs", "ys", "map_ids" and "facings", needed (and only read) when cfg.place_scale > 0.
         Returns (total loss, dict of losses, dict of float metrics, posterior states).
         """
         cfg = self.cfg
@@ -1108,8 +1175,16 @@ class WorldModel(nn.Module):
             "recon": recon, "kl_dyn": dyn.mean(), "kl_rep": rep.mean(),
             "reward": reward_loss, "cont": cont_loss,
         }
+        targets = None
+        if self.place_head is not None:
+            if places is None:
+                raise ValueError("place_scale > 0 needs the windows' places (get_batch's xs, ys, map_ids, facings)")
+            targets = PlaceHead.targets(places)
+            losses["place"] = self.place_head.loss(feat, targets)
         if cfg.overshoot > 0:
-            losses["overshoot"] = self.overshoot_loss(states, actions)
+            losses["overshoot"], place = self.overshoot_loss(states, actions, targets)
+            if place is not None:  # the open-loop states' places weigh as much as the posterior's
+                losses["place"] = losses["place"] + place
         assert losses.keys() == self.loss_weights.keys(), (losses.keys(), self.loss_weights.keys())
         total = sum(self.loss_weights[k] * v for k, v in losses.items())
         with torch.no_grad():
@@ -1125,26 +1200,35 @@ class WorldModel(nn.Module):
             })
         return total, losses, metrics, states
 
-    def overshoot_loss(self, states: dict, actions: torch.Tensor) -> torch.Tensor:
+    def overshoot_loss(self, states: dict, actions: torch.Tensor, places: dict | None = None):
         """Latent overshooting: from every posterior state t of each window, roll the prior alone for
         k = 1..cfg.overshoot steps with the logged actions (sampled latents, straight-through) and take
         max(free_nats, KL(sg(posterior_{t+k}) || prior_k)), averaged over every (t, k) inside the window.
         What open-loop imagination needs and the one-step KL never asks for: the prior's own samples
         fed back, k steps deep (gradients also reach the start states). states: observe()'s output;
-        actions (B, T)."""
+        actions (B, T). Returns (that KL, None), or with `places` (`PlaceHead.targets`, (B, T) each) and a place
+        head (KL, the place heads' loss on every k-step state against the places of frame t + k)."""
         cfg = self.cfg
         batch, steps = actions.shape
         h, z = states["h"], states["z"]  # (B, T, .): row t is the rollout started at frame t
         target = states["post_logp"].detach()
-        kls = []
+        kls, feats, goals = [], [], {name: [] for name, _ in PlaceHead.FIELDS}
+        use_places = places is not None and self.place_head is not None
         for k in range(1, min(cfg.overshoot, steps - 1) + 1):
             n = steps - k  # starts 0..n-1 reach frame t + k inside the window
             h, z, prior = self.rssm.img_step(h[:, :n].reshape(batch * n, -1), z[:, :n].reshape(batch * n, -1),
                                              actions[:, k - 1:k - 1 + n].reshape(-1), sample=self.training)
+            if use_places:
+                feats.append(torch.cat([h, z], -1))
+                for name in goals:
+                    goals[name].append(places[name][:, k:k + n].reshape(-1))
             h, z = h.view(batch, n, -1), z.view(batch, n, -1)
             goal = target[:, k:k + n].reshape(batch * n, cfg.stoch, cfg.classes)
             kls.append(categorical_kl(goal, prior).clamp(min=cfg.free_nats))
-        return torch.cat(kls).mean()
+        place = None
+        if use_places and feats:
+            place = self.place_head.loss(torch.cat(feats), {name: torch.cat(v) for name, v in goals.items()})
+        return torch.cat(kls).mean(), place
 
 
 class Actor(nn.Module):

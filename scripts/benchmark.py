@@ -398,8 +398,10 @@ def _training_way(conn, way, data_dir, preset, batch_size, seq_len, threads, cha
             total = original_forward(torch, wm, frames, actions, rewards, continues)
             optimizer.zero_grad()
         else:
-            total, _, _, _ = model(**world_model_inputs(ds, starts, "cpu", tile_ids, with_frames=not lean),
-                                   frame_metrics=not lean)
+            inputs = world_model_inputs(ds, starts, "cpu", tile_ids, with_frames=not lean)
+            if not hasattr(wm, "place_head"):  # a revision before place heads (--against)
+                del inputs["places"]
+            total, _, _, _ = model(**inputs, frame_metrics=not lean)
             optimizer.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_(wm.parameters(), wm.cfg.grad_clip)
@@ -524,7 +526,9 @@ def models_at(rev: str) -> str:
 
 
 def _model_from_file(path: Path, preset, image_size, like):
-    """The `preset` world model of the models.py at `path`, with the weights of `like` (UserError if they differ)."""
+    """The `preset` world model of the models.py at `path`, with the weights of `like` (UserError if they differ;
+    `like`'s place heads are left out when that models.py has none: they take no part in imagination, and a
+    revision before them trains without them)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(path.stem, path)
@@ -533,7 +537,10 @@ def _model_from_file(path: Path, preset, image_size, like):
     spec.loader.exec_module(module)
     other = module.WorldModel(module.RSSMConfig.from_preset(preset, image_size=tuple(image_size))).eval()
     try:
-        other.load_state_dict(like.state_dict())
+        state = like.state_dict()
+        if getattr(other, "place_head", None) is None:
+            state = {k: v for k, v in state.items() if not k.startswith("place_head.")}
+        other.load_state_dict(state)
     except RuntimeError as err:
         raise UserError(f"{path.name}: its {preset} preset has other weights than this tree's "
                         f"({str(err).strip().splitlines()[-1].strip()}); compare against a revision with the same model") from None

@@ -150,8 +150,10 @@ def evaluate_checkpoint(path: Path, ds, train_starts, scored_starts, args, devic
 
     K, C = args.horizon, args.context
     sums = {"tile_error": torch.zeros(K), "map_acc": torch.zeros(K), "mse": torch.zeros(K), "stay_tile_error": torch.zeros(K)}
+    if wm.place_head is not None:  # a model trained with place heads: also what its own heads read (not the probe)
+        sums["head_tile_error"] = torch.zeros(K)
     quiet_sums, quiet_count = {"quiet_tile_error": torch.zeros(K), "quiet_stay_tile_error": torch.zeros(K)}, 0
-    post_err, post_acc, recon_mse, scenes, count = [], [], [], [], 0
+    post_err, post_acc, recon_mse, scenes, count, window_errors = [], [], [], [], 0, []
     tile_sums = dict.fromkeys(("frames", "wrong", "frames_right", "changed", "wrong_changed", "stale"), 0)
     windows = evenly(scored_starts, args.max_sequences)
     for i in tqdm(range(0, len(windows), args.batch_size), desc=f"imagining ({path.name})", unit="batch"):
@@ -163,11 +165,17 @@ def evaluate_checkpoint(path: Path, ds, train_starts, scored_starts, args, devic
         error, correct = probe_scores(probe, out["imagined"]["feat"].cpu(), xs, ys, maps)  # (B, K)
         frame_mse = (out["pred"] - frames[:, C:]).pow(2).mean((-3, -2, -1)).cpu()  # (B, K)
         sums["tile_error"] += error.sum(0)
+        window_errors.append(error)
         sums["map_acc"] += correct.sum(0)
         sums["mse"] += frame_mse.sum(0)
         # the no-move baseline: the player stays on the last context frame's tile
         stay = (xs - batch["xs"][:, C - 1:C].float()).abs() + (ys - batch["ys"][:, C - 1:C].float()).abs()
         sums["stay_tile_error"] += stay.sum(0)
+        if wm.place_head is not None:
+            with torch.no_grad():
+                read = wm.place_head(out["imagined"]["feat"])
+            head_x, head_y = (read[key].argmax(-1).cpu().float() for key in ("xs", "ys"))
+            sums["head_tile_error"] += ((head_x - xs).abs() + (head_y - ys).abs()).sum(0)
         count += len(frames)
         quiet = quiet_windows(batch)
         quiet_sums["quiet_tile_error"] += error[quiet].sum(0)
@@ -193,6 +201,10 @@ def evaluate_checkpoint(path: Path, ds, train_starts, scored_starts, args, devic
     # PSNR of the mean squared error over all frames: exactly predicted frames (likely with tile tokens)
     # cannot inflate it the way a mean of per-frame PSNRs would
     steps = [{"k": k + 1, **{name: (v[k] / count).item() for name, v in sums.items()}} for k in range(K)]
+    window_errors = torch.cat(window_errors)  # (windows, K): is the mean a few far-off windows or all of them?
+    for k, step in enumerate(steps):
+        step["tile_error_median"] = window_errors[:, k].median().item()
+        step["within_1_tile"] = (window_errors[:, k] <= 1).float().mean().item()
     for step in steps:
         step["psnr"] = psnr(torch.tensor(step["mse"])).item()
         for name, v in quiet_sums.items():
@@ -274,6 +286,21 @@ def markdown(results: dict, horizon: int, episodes: str = "val") -> str:
     for name, res, key in rows:
         cells = [f"{res['steps'][k - 1][key]:.2f}" if res["steps"][k - 1][key] is not None else "-" for k in picked]
         lines.append(f"| {name} | {res['quiet_sequences']} of {res['sequences']} | " + " | ".join(cells) + " |")
+    if all("tile_error_median" in results[l]["steps"][0] for l in labels):
+        lines += ["", "The spread over windows: the median window's tile error, and the share of windows within 1 tile",
+                  "of the player's place, at steps " + ", ".join(map(str, picked)) + ":", "",
+                  "| | " + " | ".join(f"k = {k}" for k in picked) + " |", "|---|" + "---|" * len(picked)]
+        for l in labels:
+            lines.append(f"| {l} | " + " | ".join(
+                f"{results[l]['steps'][k - 1]['tile_error_median']:.1f} / {results[l]['steps'][k - 1]['within_1_tile']:.2f}"
+                for k in picked) + " |")
+    headed = [l for l in labels if "head_tile_error" in results[l]["steps"][0]]
+    if headed:
+        lines += ["", "Tile error of the model's own place heads (trained on RAM with `place_scale`; the columns above are",
+                  "the probe's, trained on posterior features after the fact), at steps " + ", ".join(map(str, picked)) + ":", "",
+                  "| | " + " | ".join(f"k = {k}" for k in picked) + " |", "|---|" + "---|" * len(picked)]
+        for l in headed:
+            lines.append(f"| {l} | " + " | ".join(f"{results[l]['steps'][k - 1]['head_tile_error']:.2f}" for k in picked) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -321,6 +348,9 @@ def main(argv=None):
         if results[label]["quiet_sequences"]:
             print(f"{label}: on the {results[label]['quiet_sequences']} quiet windows (no battle, text box or map change): "
                   + ", ".join(f"step {k} {steps[k - 1]['quiet_tile_error']:.2f}" for k in shown)
+                  + " tiles", flush=True)
+        if "head_tile_error" in steps[0]:
+            print(f"{label}: its own place heads: " + ", ".join(f"step {k} {steps[k - 1]['head_tile_error']:.2f}" for k in shown)
                   + " tiles", flush=True)
         print(f"{label}: posterior reconstruction PSNR {results[label]['recon_psnr']:.2f} dB, probe tile error on the "
               f"posterior {results[label]['posterior_tile_error']:.2f}", flush=True)

@@ -323,7 +323,8 @@ def main(argv=None):
             starts = order[i * global_batch + rank * args.batch_size:i * global_batch + (rank + 1) * args.batch_size]
             log_step = (step + 1) % args.log_every == 0  # frame metrics (recon_mse, psnr) only on logged steps
             inputs = world_model_inputs(ds, starts, device, tile_ids, with_frames=log_step)
-            total, losses, metrics, _ = model(**inputs, frame_metrics=log_step)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train_precision == "bfloat16"):
+                total, losses, metrics, _ = model(**inputs, frame_metrics=log_step)
             bad = nonfinite_losses(total, losses)
             elapsed = time.perf_counter() - started
             out_of_time = args.time_budget is not None and elapsed > args.time_budget * 60
@@ -387,6 +388,8 @@ def main(argv=None):
                 val = evaluate(wm, ds, val_starts, args.batch_size, args.val_batches, device)
                 record.update({"loss/val": val["loss"], "loss/val_recon": val["recon"], "loss/val_kl": val["kl"],
                                "loss/val_reward": val["reward"], "eval/psnr": val["psnr"]})
+                if "loss_place" in val:  # place heads: their validation cross-entropy (posterior + open loop)
+                    record["loss/val_place"] = val["loss_place"]
                 score = val["loss"]
                 save_reconstructions(wm, ds, val_starts, out_dir / f"reconstruction_epoch_{epoch + 1:03d}.png", device)
             else:  # no validation episodes: score on training windows (a resumed epoch may have run no batch here)

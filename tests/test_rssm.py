@@ -80,6 +80,26 @@ def test_decoder_hidden_puts_a_hidden_layer_before_the_grid():
         RSSMConfig.from_preset("tiny", decoder_hidden=-1)
 
 
+def test_decoder_broadcast_adds_a_per_cell_branch_before_the_tile_head():
+    torch.manual_seed(0)
+    plain, broad = (WorldModel(tiles_config(decoder_broadcast=n)) for n in (0, 12))
+    feat_dim, width = plain.feat_dim, plain.decoder.tile_head.in_features
+    # feat -> 12, one code of 12 per cell (18 x 20), a LayerNorm of 12, 12 -> the tile head's input width
+    assert count(broad) - count(plain) == (feat_dim * 12 + 12) + 18 * 20 * 12 + 2 * 12 + (12 * width + width)
+    feat = torch.randn(2, 3, feat_dim)
+    with torch.no_grad():
+        out = broad.decode_raw(feat)
+        # by hand for one cell: the grid's features there plus the branch, then the tile head
+        dec = broad.decoder
+        grid = dec.deconvs(dec.fc(feat[0, :1]).view(-1, *dec.grid)).permute(0, 2, 3, 1)[0, 4, 7]
+        branch = dec.broadcast["out"](dec.broadcast["inp"](feat[0, :1]) + dec.cell_codes[4, 7])[0]
+    assert out.shape == plain.decode_raw(feat).shape == (2, 3, 18, 20, 64)
+    assert torch.allclose(out[0, 0, 4, 7], dec.tile_head(grid + branch), atol=1e-5)
+    for bad in (dict(decoder_broadcast=-1), dict(decoder_broadcast=8, frame_model="pixels")):
+        with pytest.raises(ValueError, match="decoder_broadcast"):
+            RSSMConfig.from_preset("tiny", **bad)
+
+
 def test_embed_dropout_hides_whole_cells_in_training_only():
     torch.manual_seed(0)
     plain, masked = WorldModel(tiles_config()), WorldModel(tiles_config(embed_dropout=0.25))
@@ -172,7 +192,8 @@ def test_overshooting_equals_a_plain_loop_over_starts_and_steps():
     frames, actions = torch.rand(2, 6, 3, 144, 160), torch.randint(0, 8, (2, 6))
     with torch.no_grad():
         states = wm.rssm.observe(wm.embed(frames), actions)
-        loss = wm.overshoot_loss(states, actions)
+        loss, place = wm.overshoot_loss(states, actions)
+        assert place is None
         terms = []
         for b in range(2):
             for t in range(5):
@@ -194,6 +215,51 @@ def test_overshooting_equals_a_plain_loop_over_starts_and_steps():
         p.grad is not None and p.grad.abs().sum() > 0 for p in wm.rssm.cell.parameters())
     with pytest.raises(ValueError, match="overshoot"):
         RSSMConfig.from_preset("tiny", overshoot=-1)
+
+
+def test_place_heads_read_the_posterior_and_every_open_loop_state():
+    torch.manual_seed(0)
+    wm = WorldModel(RSSMConfig.from_preset("tiny", overshoot=2, place_scale=2.0)).eval()
+    batch, steps = 2, 5
+    frames, actions = torch.rand(batch, steps, 3, 144, 160), torch.randint(0, 8, (batch, steps))
+    rewards, continues = torch.zeros(batch, steps), torch.ones(batch, steps)
+    places = {"xs": torch.randint(0, 20, (batch, steps)), "ys": torch.randint(0, 30, (batch, steps)),
+              "map_ids": torch.randint(0, 5, (batch, steps)), "facings": 4 * torch.randint(0, 4, (batch, steps))}
+    with pytest.raises(ValueError, match="places"):
+        wm(frames, actions, rewards, continues)
+    with torch.no_grad():
+        total, losses, _, states = wm(frames, actions, rewards, continues, places=places)
+
+        def cross_entropy(feat, b, t):  # the four heads' cross-entropies of one state, by hand
+            logits = wm.place_head(feat)
+            wanted = {"xs": places["xs"][b, t], "ys": places["ys"][b, t], "map_ids": places["map_ids"][b, t],
+                      "facings": places["facings"][b, t] // 4}
+            return sum(-logits[name].log_softmax(-1)[0, wanted[name]].item() for name in wanted)
+
+        post = [cross_entropy(torch.cat([states["h"][b:b + 1, t], states["z"][b:b + 1, t]], -1), b, t)
+                for b in range(batch) for t in range(steps)]
+        rolled = []
+        for b in range(batch):
+            for t in range(steps - 1):
+                h, z = states["h"][b:b + 1, t], states["z"][b:b + 1, t]
+                for k in range(1, 3):
+                    if t + k >= steps:
+                        break
+                    h, z, _ = wm.rssm.img_step(h, z, actions[b:b + 1, t + k - 1], sample=False)
+                    rolled.append(cross_entropy(torch.cat([h, z], -1), b, t + k))
+    assert len(rolled) == batch * (4 + 3)
+    assert losses["place"].item() == pytest.approx(np.mean(post) + np.mean(rolled), rel=1e-5)
+    assert losses.keys() == wm.loss_weights.keys() and wm.loss_weights["place"] == 2.0
+    assert total.item() == pytest.approx(sum(wm.loss_weights[k] * v.item() for k, v in losses.items()), rel=1e-5)
+    # the open-loop part trains the prior (which the posterior states never pass through)
+    wm.train()
+    states = wm.rssm.observe(wm.embed(frames), actions)
+    _, place = wm.overshoot_loss(states, actions, wm.place_head.targets(places))
+    place.backward()
+    assert wm.rssm.prior_net[0].weight.grad.abs().sum() > 0
+    assert WorldModel(RSSMConfig.from_preset("tiny")).place_head is None  # off by default: no parameters
+    with pytest.raises(ValueError, match="place_scale"):
+        RSSMConfig.from_preset("tiny", place_scale=-1)
 
 
 def test_free_bits_clip_each_step_below_but_not_above():
@@ -543,6 +609,36 @@ def test_split_seed_keeps_the_held_out_episodes_of_another_seed(data_dir, tmp_pa
         assert json.loads((out / "config.json").read_text())["val_episodes"] == want, flags
 
 
+def test_train_rssm_learns_the_places_from_the_logged_ram(data_dir, tmp_path):
+    done = run_script("train_rssm.py", "--data-dir", data_dir, "--out-dir", tmp_path, *TINY_TRAIN, "--epochs", 1,
+                      "--steps-per-epoch", 10, "--lr", 3e-3, "--set", "place_scale=1.0", "--set", "overshoot=2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    steps = [r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "loss/place" in r]
+    assert len(steps) == 10 and steps[-1]["loss/place"] < steps[0]["loss/place"]
+    assert "loss/val_place" in json.loads((tmp_path / "metrics.json").read_text())[-1]
+    # evaluate_rssm.py also scores what the model's own heads read from its imagined states
+    done = run_script("evaluate_rssm.py", "--checkpoints", tmp_path / "best_world_model.pt", "--labels", "place",
+                      "--data-dir", data_dir, "--horizon", 6, "--max-sequences", 4, "--probe-windows", 4,
+                      "--probe-steps", 20, "--out-dir", tmp_path / "eval", "--threads", 1)
+    assert done.returncode == 0, done.stderr[-3000:]
+    steps = json.loads((tmp_path / "eval" / "results.json").read_text())["results"]["place"]["steps"]
+    assert len(steps) == 6 and all(np.isfinite(s["head_tile_error"]) and s["head_tile_error"] >= 0 for s in steps)
+    assert "own place heads" in (tmp_path / "eval" / "results.md").read_text()
+
+
+def test_train_rssm_in_bfloat16_learns_and_keeps_float32_weights(data_dir, tmp_path):
+    done = run_script("train_rssm.py", "--data-dir", data_dir, "--out-dir", tmp_path, *TINY_TRAIN, "--epochs", 1,
+                      "--steps-per-epoch", 10, "--lr", 3e-3, "--set", "train_precision=bfloat16")
+    assert done.returncode == 0, done.stderr[-3000:]
+    steps = [r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "loss/total" in r]
+    assert len(steps) == 10 and steps[-1]["loss/total"] < steps[0]["loss/total"]
+    saved = checkpoint.load_checkpoint(tmp_path / "best_world_model.pt", kind="rssm")
+    assert saved["config"]["train_precision"] == "bfloat16"
+    assert all(v.dtype == torch.float32 for v in saved["model_state"].values() if v.is_floating_point())
+    with pytest.raises(ValueError, match="train_precision"):
+        RSSMConfig.from_preset("tiny", train_precision="float16")
+
+
 def test_train_rssm_stops_cleanly_on_a_non_finite_loss(data_dir, tmp_path):
     done = run_script("train_rssm.py", "--data-dir", data_dir, "--out-dir", tmp_path, *TINY_TRAIN, "--epochs", 1,
                       "--steps-per-epoch", 3, "--set", "recon_scale=NaN")
@@ -656,6 +752,8 @@ def test_evaluate_rssm_writes_k_finite_rows_for_two_checkpoints(tiny_run, data_d
         assert [s["k"] for s in res["steps"]] == [1, 2, 3, 4, 5, 6]
         values = [v for s in res["steps"] for v in (s["tile_error"], s["map_acc"], s["psnr"])]
         assert all(np.isfinite(values)) and np.isfinite(res["recon_psnr"])
+        for s in res["steps"]:  # the spread over the 4 windows: a median of 4 lies between the two middle ones
+            assert 0 <= s["within_1_tile"] <= 1 and 0 <= s["tile_error_median"] <= 4 * s["tile_error"]
         assert res["recon_tiles"] is None  # a pixels model has no tiles to count
     assert "| 6 |" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "drift.png").stat().st_size > 0
