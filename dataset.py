@@ -150,19 +150,22 @@ def frames_to_float(obs_uint8, device):
     return obs.to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)
 
 
-def world_model_inputs(ds: "PokemonDataset", starts, device, tile_ids=None, with_frames: bool = True) -> dict:
+def world_model_inputs(ds: "PokemonDataset", starts, device, tile_ids=None, with_frames: bool = True,
+                       with_places: bool = False) -> dict:
     """WorldModel keyword inputs for the windows at `starts`: actions, rewards, continues (B, T); with `tile_ids`
     (a tiles model's ids of every frame of `ds`, `TileCodebook.tokenize_uint8`) their (B, T, H/8, W/8) slice; and
-    the float frames (B, T, 3, H, W), None when tile ids stand in for them and `with_frames` is False; the
-    places (RAM's "xs", "ys", "map_ids", "facings", (B, T) each) that a model with place heads learns."""
+    the float frames (B, T, 3, H, W), None when tile ids stand in for them and `with_frames` is False; with
+    `with_places` (a model with place heads) the places it learns: RAM's "xs", "ys", "map_ids", "facings", (B, T) each."""
     import torch
 
-    places = ["xs", "ys", "map_ids", "facings"]
+    places = ["xs", "ys", "map_ids", "facings"] if with_places else []
     keys = ["actions", "rewards", "continues"] + places + (["obs"] if with_frames or tile_ids is None else [])
     batch = ds.get_batch(starts, keys=keys)
     inputs = {"frames": frames_to_float(batch["obs"], device) if "obs" in batch else None,
               "actions": batch["actions"].to(device), "rewards": batch["rewards"].to(device),
-              "continues": batch["continues"].to(device), "places": {k: batch[k].to(device) for k in places}}
+              "continues": batch["continues"].to(device)}
+    if with_places:
+        inputs["places"] = {k: batch[k].to(device) for k in places}
     if tile_ids is not None:
         rows = torch.from_numpy(np.asarray(starts, dtype=np.int64)[:, None] + np.arange(ds.seq_len))
         inputs["tile_ids"] = tile_ids[rows].to(device)

@@ -1206,14 +1206,14 @@ class WorldModel(nn.Module):
         max(free_nats, KL(sg(posterior_{t+k}) || prior_k)), averaged over every (t, k) inside the window.
         What open-loop imagination needs and the one-step KL never asks for: the prior's own samples
         fed back, k steps deep (gradients also reach the start states). states: observe()'s output;
-        actions (B, T). Returns (that KL, None), or with `places` (`PlaceHead.targets`, (B, T) each) and a place
-        head (KL, the place heads' loss on every k-step state against the places of frame t + k)."""
+        actions (B, T). Returns (that KL, None), or with `places` (`PlaceHead.targets`, (B, T) each; a model with
+        place heads) (KL, the place heads' loss on every k-step state against the places of frame t + k)."""
         cfg = self.cfg
         batch, steps = actions.shape
         h, z = states["h"], states["z"]  # (B, T, .): row t is the rollout started at frame t
         target = states["post_logp"].detach()
         kls, feats, goals = [], [], {name: [] for name, _ in PlaceHead.FIELDS}
-        use_places = places is not None and self.place_head is not None
+        use_places = places is not None
         for k in range(1, min(cfg.overshoot, steps - 1) + 1):
             n = steps - k  # starts 0..n-1 reach frame t + k inside the window
             h, z, prior = self.rssm.img_step(h[:, :n].reshape(batch * n, -1), z[:, :n].reshape(batch * n, -1),

@@ -398,9 +398,8 @@ def _training_way(conn, way, data_dir, preset, batch_size, seq_len, threads, cha
             total = original_forward(torch, wm, frames, actions, rewards, continues)
             optimizer.zero_grad()
         else:
-            inputs = world_model_inputs(ds, starts, "cpu", tile_ids, with_frames=not lean)
-            if not hasattr(wm, "place_head"):  # a revision before place heads (--against)
-                del inputs["places"]
+            inputs = world_model_inputs(ds, starts, "cpu", tile_ids, with_frames=not lean,
+                                        with_places=getattr(wm, "place_head", None) is not None)
             total, _, _, _ = model(**inputs, frame_metrics=not lean)
             optimizer.zero_grad(set_to_none=True)
         total.backward()

@@ -147,7 +147,8 @@ def evaluate(wm: WorldModel, ds: PokemonDataset, starts: np.ndarray, batch_size:
     sums, count = {}, 0
     starts = evenly(starts, max_batches * batch_size)
     for i in range(math.ceil(len(starts) / batch_size)):
-        inputs = world_model_inputs(ds, starts[i * batch_size:(i + 1) * batch_size], device)
+        inputs = world_model_inputs(ds, starts[i * batch_size:(i + 1) * batch_size], device,
+                                    with_places=wm.place_head is not None)
         total, losses, metrics, states = wm(**inputs)
         frames = inputs["frames"]
         recon = wm.decode(imagination.features(states))
@@ -322,7 +323,8 @@ def main(argv=None):
             t0 = time.perf_counter()
             starts = order[i * global_batch + rank * args.batch_size:i * global_batch + (rank + 1) * args.batch_size]
             log_step = (step + 1) % args.log_every == 0  # frame metrics (recon_mse, psnr) only on logged steps
-            inputs = world_model_inputs(ds, starts, device, tile_ids, with_frames=log_step)
+            inputs = world_model_inputs(ds, starts, device, tile_ids, with_frames=log_step,
+                                        with_places=wm.place_head is not None)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train_precision == "bfloat16"):
                 total, losses, metrics, _ = model(**inputs, frame_metrics=log_step)
             bad = nonfinite_losses(total, losses)
