@@ -204,6 +204,22 @@ def keep_freed_memory() -> bool:
         return False
 
 
+def train_precision(setting: str, device) -> str:
+    """`RSSMConfig.train_precision` as it runs on `device`: "auto" is "bfloat16" where the device multiplies
+    bfloat16 matrices natively (a CUDA GPU that supports it; an x86 CPU with AVX-512 BF16 or AMX, as Linux's
+    /proc/cpuinfo lists them), else "float32" (elsewhere bfloat16 is emulated, slower than float32)."""
+    if setting != "auto":
+        return setting
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        flags = set()
+    return "bfloat16" if device.type == "cpu" and flags & {"avx512_bf16", "amx_bf16"} else "float32"
+
+
 def resolve_device(name: str) -> str:
     """'auto' -> 'cuda' when available, else 'cpu'; UserError for an unavailable CUDA device."""
     if name == "auto":

@@ -417,9 +417,13 @@ class RSSMConfig:
     # or norm gains); 0: plain Adam
     weight_decay: float = 0.0
     # "bfloat16": train_rssm.py runs each training step's forward pass under torch.autocast in bfloat16 (matrix
-    # products and convolutions; weights, optimizer and validation stay float32): more updates per minute on a CPU
-    # with AVX-512 BF16 or a GPU; "float32": plain
+    # products and convolutions; weights, optimizer, the latents' distributions and validation stay float32): more
+    # updates per minute on a CPU with AVX-512 BF16 or a GPU; "float32": plain; "auto": bfloat16 where the device
+    # computes it natively, else float32 (`checkpoint.train_precision`)
     train_precision: str = "float32"
+    # when training in bfloat16: the last this fraction of the run (of its epochs x batches, or of
+    # --time-budget's minutes, whichever ends first, as lr_schedule counts) trains in float32 (0: bfloat16 throughout)
+    float32_tail: float = 0.0
     # train_rssm.py draws each training window that shows a battle this many times per epoch (battles are ~1.5%
     # of make demo's frames and the hardest to reconstruct); 1: every window once
     battle_repeats: int = 1
@@ -464,7 +468,7 @@ class RSSMConfig:
             "decoder_output": ("sigmoid", "linear"), "gru": ("torch", "layernorm"), "mlp_norm": ("none", "layer", "rms"),
             "sampler": ("gumbel", "categorical"), "reward_head": ("mse", "twohot"), "recon_loss": ("mean", "sum"),
             "frame_model": ("pixels", "tiles"), "lr_schedule": ("constant", "cosine"),
-            "train_precision": ("float32", "bfloat16"),
+            "train_precision": ("float32", "bfloat16", "auto"),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -500,6 +504,9 @@ class RSSMConfig:
             raise ValueError(f"RSSMConfig.lr_final={self.lr_final} must be in [0, 1] (a fraction of lr)")
         if self.overshoot < 0 or self.overshoot_scale < 0:
             raise ValueError("RSSMConfig.overshoot and overshoot_scale must be >= 0")
+        if not 0 <= self.float32_tail <= 1 or (self.float32_tail and self.train_precision == "float32"):
+            raise ValueError(f"RSSMConfig.float32_tail={self.float32_tail} must be in [0, 1] and applies to "
+                             "train_precision 'bfloat16' or 'auto' only")
         if self.place_scale < 0:
             raise ValueError(f"RSSMConfig.place_scale={self.place_scale} must be >= 0")
         factor = math.prod(self.conv_strides)
@@ -791,9 +798,10 @@ class RSSM(nn.Module):
         return torch.zeros(batch, cfg.deter, device=device), torch.zeros(batch, cfg.stoch * cfg.classes, device=device)
 
     def log_probs(self, logits):
-        """(..., S) raw logits -> (..., stoch, classes) log-probabilities with `unimix` uniform mixed in."""
+        """(..., S) raw logits -> (..., stoch, classes) log-probabilities with `unimix` uniform mixed in, in
+        float32 also under bfloat16 autocast (the KL terms are small differences of these)."""
         cfg = self.cfg
-        logp = logits.view(*logits.shape[:-1], cfg.stoch, cfg.classes).log_softmax(-1)
+        logp = logits.float().view(*logits.shape[:-1], cfg.stoch, cfg.classes).log_softmax(-1)
         if cfg.unimix > 0:
             logp = ((1 - cfg.unimix) * logp.exp() + cfg.unimix / cfg.classes).log()
         return logp
@@ -967,7 +975,7 @@ def twohot_decode(logits, bins):
 
 def twohot_loss(logits, y, bins):
     """Cross-entropy of (..., K) logits against the two-hot encoding of targets y (...) -> (...)."""
-    return -(twohot_encode(y, bins) * logits.log_softmax(-1)).sum(-1)
+    return -(twohot_encode(y, bins) * logits.float().log_softmax(-1)).sum(-1)  # float32 also under autocast
 
 
 class ScalarHead(nn.Module):

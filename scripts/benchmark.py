@@ -373,6 +373,8 @@ def _training_way(conn, way, data_dir, preset, batch_size, seq_len, threads, cha
     try:  # bad input (the data, another models.py): measure_training raises it again, one line and exit 2
         ds = PokemonDataset(data_dir, seq_len=seq_len)
         wm = _world_model(torch, preset, ds.resolution, channels_last, frames=ds.obs)
+        # as train_rssm.py: the preset's train_precision on this machine (the original's loop: float32)
+        precision = "float32" if way == "original" else checkpoint.train_precision(wm.cfg.train_precision, "cpu")
         if way.startswith("at_"):
             wm = _model_from_file(Path(against_path), preset, ds.resolution, wm)
     except UserError as err:
@@ -388,7 +390,7 @@ def _training_way(conn, way, data_dir, preset, batch_size, seq_len, threads, cha
     rng = np.random.default_rng(0)  # the same windows in every way
     conn.send({"baseline_rss_mb": _rss_mb(), "parameters": sum(p.numel() for p in wm.parameters()),
                "resolution": "x".join(map(str, ds.resolution)), "channels_last": wm.cfg.channels_last,
-               "windows": len(ds)})
+               "windows": len(ds), "precision": precision})
     while conn.recv():
         starts = rng.choice(ds.window_starts, batch_size, replace=len(ds) < batch_size)
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -400,7 +402,8 @@ def _training_way(conn, way, data_dir, preset, batch_size, seq_len, threads, cha
         else:
             inputs = world_model_inputs(ds, starts, "cpu", tile_ids, with_frames=not lean,
                                         with_places=getattr(wm, "place_head", None) is not None)
-            total, _, _, _ = model(**inputs, frame_metrics=not lean)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bfloat16"):
+                total, _, _, _ = model(**inputs, frame_metrics=not lean)
             optimizer.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_(wm.parameters(), wm.cfg.grad_clip)
@@ -453,6 +456,7 @@ def measure_training(data_dir, preset, batch_size, seq_len, steps, threads, ways
               "config": {"preset": preset, "way": ways[0], "batch_size": batch_size, "seq_len": seq_len,
                          "resolution": first["resolution"], "timed_steps": steps, "threads": threads,
                          "channels_last": first["channels_last"], "torch_compile": compile_model,
+                         "precision": first["precision"],
                          "allocator": "default" if ways[0] == "original" else "keep_freed_memory",
                          "parameters": first["parameters"], "data": "real collected frames",
                          "interleaved_with": list(ways[1:]), "process": "one per way"}}

@@ -287,10 +287,14 @@ def main(argv=None):
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(wm, device_ids=[device.index] if device.type == "cuda" else None)
 
+    precision = checkpoint.train_precision(cfg.train_precision, device)
     log = artifacts.RunLog(out_dir, history=history) if main_process else None
     if main_process:
+        if cfg.train_precision == "auto":
+            print(f"training precision: {precision} (train_precision=auto on {device})", flush=True)
         artifacts.write_json(out_dir / "config.json", {
             "model": cfg.to_dict(), "run": vars(args), "world_size": world, "device": str(device),
+            "train_precision": precision,
             "train_windows": int(len(train_starts)), "drawn_per_epoch": int(len(drawn)), "val_windows": int(len(val_starts)),
             "val_episodes": sorted({int(e) for e in ds.segment_ids[val_starts]}),
             "parameters": sum(p.numel() for p in wm.parameters()),
@@ -311,6 +315,7 @@ def main(argv=None):
     started = time.perf_counter()
     train_seconds = 0.0  # time spent in training batches only (this process, since this start or resume)
     frames_per_batch = global_batch * args.seq_len
+    progress = step / total_steps  # the run's fraction done, updated after each step's forward pass
     stop = False
     epoch = start_epoch
     for epoch in range(start_epoch, args.epochs):
@@ -325,7 +330,9 @@ def main(argv=None):
             log_step = (step + 1) % args.log_every == 0  # frame metrics (recon_mse, psnr) only on logged steps
             inputs = world_model_inputs(ds, starts, device, tile_ids, with_frames=log_step,
                                         with_places=wm.place_head is not None)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train_precision == "bfloat16"):
+            # bfloat16 until the float32 tail: by batches, or by the last step's time (the same on every rank)
+            low_precision = precision == "bfloat16" and max(step / total_steps, progress) < 1.0 - cfg.float32_tail
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=low_precision):
                 total, losses, metrics, _ = model(**inputs, frame_metrics=log_step)
             bad = nonfinite_losses(total, losses)
             elapsed = time.perf_counter() - started
@@ -365,6 +372,7 @@ def main(argv=None):
                     log.record({"step": step, "epoch": epoch + 1, **{f"loss/{k}": v.item() for k, v in losses.items()},
                                 "loss/total": values["total"], "train/psnr": metrics["psnr"], "train/kl": metrics["kl"],
                                 "train/grad_norm": grad_norm.item(), "train/lr": lr,
+                                "train/bfloat16": int(low_precision),
                                 "perf/frames_per_s": frames_per_batch / dt},
                                epoch_end=False)
                 if args.val_every and step % args.val_every == 0 and len(val_starts):

@@ -627,16 +627,53 @@ def test_train_rssm_learns_the_places_from_the_logged_ram(data_dir, tmp_path):
 
 
 def test_train_rssm_in_bfloat16_learns_and_keeps_float32_weights(data_dir, tmp_path):
+    """bfloat16 for the first 60% of the 10 steps, then float32 (float32_tail=0.4); weights always float32."""
     done = run_script("train_rssm.py", "--data-dir", data_dir, "--out-dir", tmp_path, *TINY_TRAIN, "--epochs", 1,
-                      "--steps-per-epoch", 10, "--lr", 3e-3, "--set", "train_precision=bfloat16")
+                      "--steps-per-epoch", 10, "--lr", 3e-3, "--set", "train_precision=bfloat16",
+                      "--set", "float32_tail=0.4")
     assert done.returncode == 0, done.stderr[-3000:]
     steps = [r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "loss/total" in r]
     assert len(steps) == 10 and steps[-1]["loss/total"] < steps[0]["loss/total"]
+    assert [r["train/bfloat16"] for r in steps] == [1] * 6 + [0] * 4
+    assert json.loads((tmp_path / "config.json").read_text())["train_precision"] == "bfloat16"
     saved = checkpoint.load_checkpoint(tmp_path / "best_world_model.pt", kind="rssm")
-    assert saved["config"]["train_precision"] == "bfloat16"
+    assert saved["config"]["train_precision"] == "bfloat16" and saved["config"]["float32_tail"] == 0.4
     assert all(v.dtype == torch.float32 for v in saved["model_state"].values() if v.is_floating_point())
     with pytest.raises(ValueError, match="train_precision"):
         RSSMConfig.from_preset("tiny", train_precision="float16")
+    with pytest.raises(ValueError, match="float32_tail"):
+        RSSMConfig.from_preset("tiny", float32_tail=0.5)  # needs train_precision bfloat16 or auto
+
+
+def test_auto_train_precision_is_bfloat16_only_where_the_cpu_computes_it_natively():
+    flags = set(open("/proc/cpuinfo").read().split()) if os.path.exists("/proc/cpuinfo") else set()
+    native = bool(flags & {"avx512_bf16", "amx_bf16"})
+    assert checkpoint.train_precision("auto", "cpu") == ("bfloat16" if native else "float32")
+    assert checkpoint.train_precision("auto", torch.device("cpu")) == checkpoint.train_precision("auto", "cpu")
+    for fixed in ("float32", "bfloat16"):
+        assert checkpoint.train_precision(fixed, "cpu") == fixed
+    assert RSSMConfig.from_preset("tiny", train_precision="auto", float32_tail=0.1).float32_tail == 0.1
+
+
+def test_latent_distributions_and_twohot_loss_stay_float32_under_bfloat16_autocast():
+    """Under train_precision=bfloat16 the matrix products run in bfloat16, but the categorical log-probabilities
+    (whose small differences are the KL terms) and the two-hot log-softmax are computed in float32: the same
+    values as float32 from the same bfloat16 logits, where bfloat16 log-softmax would round them."""
+    import models
+
+    cfg = RSSMConfig.from_preset("tiny")
+    rssm = RSSM(cfg, 16)
+    torch.manual_seed(0)
+    logits = (torch.randn(64, cfg.stoch * cfg.classes) * 3).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logp = rssm.log_probs(logits)
+        h, z, prior_logp = rssm.img_step(*rssm.initial(4), torch.arange(4), sample=True)
+        bins = twohot_bins(31, 20.0)
+        loss = models.twohot_loss(torch.randn(64, 31).bfloat16(), torch.randn(64), bins)
+    assert logp.dtype == prior_logp.dtype == z.dtype == h.dtype == loss.dtype == torch.float32
+    assert torch.equal(logp, rssm.log_probs(logits.float()))
+    rounded = logits.view(64, cfg.stoch, cfg.classes).log_softmax(-1)  # what bfloat16 would have given
+    assert rounded.dtype == torch.bfloat16 and not torch.equal(rounded.float(), logits.float().view_as(rounded).log_softmax(-1))
 
 
 def test_train_rssm_stops_cleanly_on_a_non_finite_loss(data_dir, tmp_path):
