@@ -1221,12 +1221,11 @@ class WorldModel(nn.Module):
         h, z = states["h"], states["z"]  # (B, T, .): row t is the rollout started at frame t
         target = states["post_logp"].detach()
         kls, feats, goals = [], [], {name: [] for name, _ in PlaceHead.FIELDS}
-        use_places = places is not None
         for k in range(1, min(cfg.overshoot, steps - 1) + 1):
             n = steps - k  # starts 0..n-1 reach frame t + k inside the window
             h, z, prior = self.rssm.img_step(h[:, :n].reshape(batch * n, -1), z[:, :n].reshape(batch * n, -1),
                                              actions[:, k - 1:k - 1 + n].reshape(-1), sample=self.training)
-            if use_places:
+            if places is not None:
                 feats.append(torch.cat([h, z], -1))
                 for name in goals:
                     goals[name].append(places[name][:, k:k + n].reshape(-1))
@@ -1234,7 +1233,7 @@ class WorldModel(nn.Module):
             goal = target[:, k:k + n].reshape(batch * n, cfg.stoch, cfg.classes)
             kls.append(categorical_kl(goal, prior).clamp(min=cfg.free_nats))
         place = None
-        if use_places and feats:
+        if places is not None and feats:
             place = self.place_head.loss(torch.cat(feats), {name: torch.cat(v) for name, v in goals.items()})
         return torch.cat(kls).mean(), place
 
