@@ -40,7 +40,7 @@ demo: setup
 	$(PY) scripts/make_save_state.py --rom $(ROM) --out $(OUT)/start.state
 	$(PY) scripts/collect_data.py --rom $(ROM) --save-state $(OUT)/start.state --policy explore \
 	    --total-steps $(DEMO_STEPS) --episode-length $(DEMO_EPISODE_LENGTH) --save-interval 2500 --workers 2 --out-dir $(OUT)/data
-	$(PY) scripts/train_rssm.py --data-dir $(OUT)/data --out-dir $(OUT)/rssm --epochs 1000 --batch-size 8 --time-budget $(DEMO_MINUTES) \
+	$(PY) scripts/train_rssm.py --data-dir $(OUT)/data --out-dir $(OUT)/rssm --epochs 1000 --batch-size 16 --time-budget $(DEMO_MINUTES) \
 	    --preset $(DEMO_PRESET) --threads $(DEMO_THREADS)
 	$(PY) scripts/generate_demo_video_v2.py --rom $(ROM) --checkpoint $(OUT)/rssm/best_world_model.pt \
 	    --save-state $(OUT)/start.state --out-video $(OUT)/side_by_side.mp4 --gif $(OUT)/side_by_side.gif

@@ -36,8 +36,10 @@ def last_state(states: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return states["h"][:, -1], states["z"][:, -1]
 
 
-def _rollout(wm: WorldModel, state, actions, sample: bool) -> dict:
+def _rollout(wm: WorldModel, state, actions, sample: bool, reproject: bool = False) -> dict:
     h, z = state
+    if reproject:
+        return _reprojected_rollout(wm, h, z, actions, sample)
     if sample or torch.is_grad_enabled():
         hs, zs = [], []
         for t in range(actions.shape[1]):
@@ -51,13 +53,33 @@ def _rollout(wm: WorldModel, state, actions, sample: bool) -> dict:
     return out
 
 
+def _reprojected_rollout(wm: WorldModel, h, z, actions, sample: bool) -> dict:
+    """Each step: the prior's latent, decoded to the model's own most likely frame (tile ids for a tiles model,
+    the clamped frame otherwise), which the encoder and posterior read again for the step's latent. No real frame
+    is read: the rollout stays in imagination, on latents the posterior gives to frames."""
+    rssm, hs, zs = wm.rssm, [], []
+    for t in range(actions.shape[1]):
+        h, prior_z, _ = rssm.img_step(h, z, actions[:, t], sample=sample)
+        raw = wm.decode_raw(torch.cat([h, prior_z], -1).unsqueeze(1))
+        if wm.tiles is not None:
+            embed = wm._encode(None, tile_ids=raw[..., :int(wm.tiles.size)].argmax(-1))[1]
+        else:
+            embed = wm.embed(wm.frames_from_output(raw).clamp(0.0, 1.0))
+        z = rssm.sample(rssm.posterior(h, rssm.post_embed_in(embed[:, 0])), sample)
+        hs.append(h), zs.append(z)
+    out = {"h": torch.stack(hs, 1), "z": torch.stack(zs, 1)}
+    out["feat"] = features(out)
+    return out
+
+
 @torch.inference_mode()
 def imagine(wm: WorldModel, state: tuple[torch.Tensor, torch.Tensor], actions: torch.Tensor,
-            sample: bool = False) -> dict:
+            sample: bool = False, reproject: bool = False) -> dict:
     """Roll the prior alone from `state` (h, z) = the belief at some frame t, taking actions (B, H)
     (actions[:, 0] = the action after frame t). Returns h, z, feat (B, H, .) for frames t+1..t+H.
-    `sample=False` follows each prior's most likely class; True draws samples."""
-    return _rollout(wm, state, actions, sample)
+    `sample=False` follows each prior's most likely class; True draws samples. `reproject`: each imagined
+    latent is decoded to a frame and encoded again by the posterior before it is fed back (slower)."""
+    return _rollout(wm, state, actions, sample, reproject)
 
 
 @torch.inference_mode()
@@ -82,7 +104,8 @@ def decode(wm: WorldModel, feat: torch.Tensor, chunk: int = 64, tile_ids: bool =
 
 @torch.inference_mode()
 def open_loop(wm: WorldModel, frames: torch.Tensor, actions: torch.Tensor, context: int = 1,
-              horizon: int | None = None, sample: bool = False, decode_frames: bool = True) -> dict:
+              horizon: int | None = None, sample: bool = False, decode_frames: bool = True,
+              reproject: bool = False) -> dict:
     """Observe frames[:, :context], then imagine `horizon` steps with actions[:, context-1:].
 
     frames (B, T, 3, H, W), actions (B, T). horizon defaults to T - context. Returns dict:
@@ -94,7 +117,7 @@ def open_loop(wm: WorldModel, frames: torch.Tensor, actions: torch.Tensor, conte
         raise ValueError(f"{horizon} imagined steps after {context} context frames need "
                          f"{context - 1 + horizon} actions, got {actions.shape[1]}")
     ctx = observe(wm, frames[:, :context], actions[:, :context])
-    imagined = _rollout(wm, last_state(ctx), actions[:, context - 1:context - 1 + horizon], sample)
+    imagined = _rollout(wm, last_state(ctx), actions[:, context - 1:context - 1 + horizon], sample, reproject)
     out = {"context": ctx, "imagined": imagined}
     if decode_frames:
         out["recon"] = decode(wm, ctx["feat"])

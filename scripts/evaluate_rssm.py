@@ -17,8 +17,10 @@ the tile error on the quiet windows alone (no battle, text box or map change in 
 Writes results.json, results.md (one table, checkpoints side by side) and drift.png to --out-dir.
 `--probe-latent-noise P` trains the probe with each latent of its inputs randomized with probability P, so
 that an imagined state with a few latents off the posterior's is not read as a different place by that alone.
-`--episodes train` scores the training episodes instead (the same measures; against the held-out
-figures, the generalisation gap).
+`--reproject` imagines differently: each step's prior latent is decoded to the model's most likely frame, which
+the encoder and posterior read again for the latent fed back (still no real frame after the context; as
+evaluate_drift.py's --reproject for v1). `--episodes train` scores the training episodes instead (the same
+measures; against the held-out figures, the generalisation gap).
 """
 from __future__ import annotations
 
@@ -57,6 +59,9 @@ def parse_args(argv=None):
     p.add_argument("--probe-latent-noise", type=float, default=0.0, metavar="P",
                    help="train the probe on posterior features whose categorical latents are each replaced by a "
                         "random class with probability P (a probe that a few wrong latents do not throw; 0: off)")
+    p.add_argument("--reproject", action="store_true",
+                   help="decode every imagined latent to the model's most likely frame and let the posterior encode "
+                        "it again before it is fed back (still no real frame after the context); default: the prior alone")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     p.add_argument("--out-dir", default="outputs/eval_rssm", help="where results.json/.md and drift.png go")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run")
@@ -160,7 +165,7 @@ def evaluate_checkpoint(path: Path, ds, train_starts, scored_starts, args, devic
         batch = ds.get_batch(windows[i:i + args.batch_size])
         frames = frames_to_float(batch["obs"], device)  # (B, C+K, 3, H, W)
         actions = batch["actions"].to(device)
-        out = imagination.open_loop(wm, frames, actions, context=C, horizon=K)
+        out = imagination.open_loop(wm, frames, actions, context=C, horizon=K, reproject=args.reproject)
         xs, ys, maps = batch["xs"][:, C:].float(), batch["ys"][:, C:].float(), batch["map_ids"][:, C:]
         error, correct = probe_scores(probe, out["imagined"]["feat"].cpu(), xs, ys, maps)  # (B, K)
         frame_mse = (out["pred"] - frames[:, C:]).pow(2).mean((-3, -2, -1)).cpu()  # (B, K)
@@ -248,7 +253,7 @@ TILE_ROWS = (  # tiles models only: the posterior's most likely tile per cell ag
 )
 
 
-def markdown(results: dict, horizon: int, episodes: str = "val") -> str:
+def markdown(results: dict, horizon: int, episodes: str = "val", reproject: bool = False) -> str:
     labels = list(results)
     head = ("| k | no-move tile err | " + " | ".join(f"{l} tile err | {l} map acc | {l} PSNR dB" for l in labels)
             + " |")
@@ -268,7 +273,9 @@ def markdown(results: dict, horizon: int, episodes: str = "val") -> str:
     for scene in SCENES:
         cells = [scene_cell(results[l]["recon_by_scene"][scene]) for l in labels]
         lines.append(f"| posterior reconstruction PSNR on {scene} frames | " + " | ".join(cells) + " |")
-    lines += ["", "Per imagined step k (prior only after the context frames; no-move: the tile error of guessing that",
+    how = ("each prior latent decoded to the model's most likely frame and encoded again by the posterior (--reproject)"
+           if reproject else "prior only")
+    lines += ["", f"Per imagined step k ({how} after the context frames; no-move: the tile error of guessing that",
               "the player stays where the last context frame shows it, a floor any useful imagination must beat):",
               "", head, rule]
     for k in range(horizon):
@@ -366,8 +373,9 @@ def main(argv=None):
     artifacts.write_json(out / "results.json", {"data_dir": str(args.data_dir), "horizon": args.horizon,
                                                 "context": args.context, "episodes": args.episodes,
                                                 "probe_latent_noise": args.probe_latent_noise,
+                                                "reproject": args.reproject,
                                                 "results": results})
-    artifacts.write_text(out / "results.md", markdown(results, args.horizon, args.episodes))
+    artifacts.write_text(out / "results.md", markdown(results, args.horizon, args.episodes, args.reproject))
     plot(results, out / "drift.png")
     print(f"wrote {out / 'results.md'}, results.json, drift.png", flush=True)
 

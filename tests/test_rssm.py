@@ -336,6 +336,31 @@ def test_imagination_rolls_the_prior_and_decodes():
     assert any(p.grad is not None for p in actor.parameters())
 
 
+@pytest.mark.parametrize("preset", ["default", "tiny"])
+def test_reprojected_imagination_feeds_back_the_posterior_of_its_own_decoded_frame(preset):
+    torch.manual_seed(0)
+    wm = WorldModel(RSSMConfig.from_preset(preset)).eval()
+    if wm.tiles is not None:
+        wm.tiles.size.fill_(wm.cfg.tile_vocab)  # an unfitted codebook: ids are all the encoder reads here
+    rssm, B, H = wm.rssm, 2, 4
+    h, z = torch.randn(B, wm.cfg.deter), rssm.sample(rssm.log_probs(torch.randn(B, wm.cfg.stoch * wm.cfg.classes)), False)
+    actions = torch.randint(0, 8, (B, H))
+    out = imagination.imagine(wm, (h, z), actions, reproject=True)
+    with torch.inference_mode():  # by hand: prior step, the most likely frame, the posterior of that frame
+        for t in range(H):
+            h, prior_z, _ = rssm.img_step(h, z, actions[:, t], sample=False)
+            feat = torch.cat([h, prior_z], -1).unsqueeze(1)
+            if wm.tiles is not None:
+                embed = wm.encoder(imagination.decode(wm, feat, tile_ids=True)[1].flatten(0, 1)).view(B, -1)
+            else:
+                embed = wm.embed(imagination.decode(wm, feat))[:, 0]
+            z = rssm.sample(rssm.posterior(h, rssm.post_embed_in(embed)), False)
+            torch.testing.assert_close(out["h"][:, t], h)
+            assert torch.equal(out["z"][:, t], z)
+    plain = imagination.imagine(wm, (out["h"][:, 0], out["z"][:, 0]), actions[:, 1:])
+    assert not torch.equal(plain["z"], out["z"][:, 1:])  # the posterior's latents, not the prior's
+
+
 @pytest.mark.parametrize("preset, overrides, tie", [
     ("default", {}, False), ("default", {"gru_blocks": 1}, False), ("default", {}, True),
     ("default", {"prior_layers": 0}, False), ("default", {"prior_layers": 2}, False),
@@ -579,6 +604,13 @@ def test_train_rssm_fits_the_tile_codebook_and_resume_keeps_it(data_dir, tmp_pat
                       "--horizon", 4, "--max-sequences", 4, "--probe-windows", 4, "--probe-steps", 5,
                       "--out-dir", tmp_path / "eval", "--threads", 1)
     assert done.returncode == 0, done.stderr[-3000:]
+    again = run_script("evaluate_rssm.py", "--checkpoints", tmp_path / "best_world_model.pt", "--data-dir", data_dir,
+                       "--horizon", 4, "--max-sequences", 4, "--probe-windows", 4, "--probe-steps", 5,
+                       "--out-dir", tmp_path / "eval_reproject", "--threads", 1, "--reproject")
+    assert again.returncode == 0, again.stderr[-3000:]
+    reprojected = json.loads((tmp_path / "eval_reproject" / "results.json").read_text())
+    assert reprojected["reproject"] is True and all(math.isfinite(s["tile_error"]) for s in
+                                                    next(iter(reprojected["results"].values()))["steps"])
     tiles_row = next(iter(json.loads((tmp_path / "eval" / "results.json").read_text())["results"].values()))["recon_tiles"]
     from dataset import PokemonDataset, evenly, frames_to_float
 
