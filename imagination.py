@@ -60,12 +60,9 @@ def _reprojected_rollout(wm: WorldModel, h, z, actions, sample: bool) -> dict:
     rssm, hs, zs = wm.rssm, [], []
     for t in range(actions.shape[1]):
         h, prior_z, _ = rssm.img_step(h, z, actions[:, t], sample=sample)
-        raw = wm.decode_raw(torch.cat([h, prior_z], -1).unsqueeze(1))
-        if wm.tiles is not None:
-            embed = wm._encode(None, tile_ids=raw[..., :int(wm.tiles.size)].argmax(-1))[1]
-        else:
-            embed = wm.embed(wm.frames_from_output(raw).clamp(0.0, 1.0))
-        z = rssm.sample(rssm.posterior(h, rssm.post_embed_in(embed[:, 0])), sample)
+        raw = wm.decode_raw(torch.cat([h, prior_z], -1).unsqueeze(1))[:, 0]
+        frame = _tile_ids(wm, raw) if wm.tiles is not None else wm.frames_from_output(raw).clamp(0.0, 1.0)
+        z = rssm.sample(rssm.posterior(h, rssm.post_embed_in(wm.encoder(frame))), sample)
         hs.append(h), zs.append(z)
     out = {"h": torch.stack(hs, 1), "z": torch.stack(zs, 1)}
     out["feat"] = features(out)
@@ -82,6 +79,11 @@ def imagine(wm: WorldModel, state: tuple[torch.Tensor, torch.Tensor], actions: t
     return _rollout(wm, state, actions, sample, reproject)
 
 
+def _tile_ids(wm: WorldModel, raw: torch.Tensor) -> torch.Tensor:
+    """A tiles model's decoder output (..., H/8, W/8, V) -> each cell's most likely tile id (..., H/8, W/8)."""
+    return raw[..., :int(wm.tiles.size)].argmax(-1)
+
+
 @torch.inference_mode()
 def decode(wm: WorldModel, feat: torch.Tensor, chunk: int = 64, tile_ids: bool = False):
     """Features (B, T, F) -> frames (B, T, 3, H, W) in [0, 1], decoded `chunk` frames at a time. With `tile_ids`
@@ -95,7 +97,7 @@ def decode(wm: WorldModel, feat: torch.Tensor, chunk: int = 64, tile_ids: bool =
         raw = wm.decode_raw(flat[i:i + chunk].transpose(0, 1))
         frames.append(wm.frames_from_output(raw).clamp(0.0, 1.0))  # = wm.decode
         if tile_ids:
-            ids.append(raw[..., :int(wm.tiles.size)].argmax(-1))
+            ids.append(_tile_ids(wm, raw))
     frames = torch.cat(frames, 1).reshape(batch, steps, 3, *wm.cfg.image_size)
     if not tile_ids:
         return frames
