@@ -36,10 +36,14 @@ def last_state(states: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return states["h"][:, -1], states["z"][:, -1]
 
 
-def _rollout(wm: WorldModel, state, actions, sample: bool, reproject: bool = False) -> dict:
+def _rollout(wm: WorldModel, state, actions, sample: bool, reproject: bool = False, keep_map: bool = False) -> dict:
     h, z = state
+    if keep_map and not reproject:
+        raise ValueError("keep_map gates the reprojected rollout: pass reproject=True with it")
+    if keep_map and wm.place_head is None:
+        raise ValueError("keep_map reads the model's place heads, and this model has none (place_scale 0)")
     if reproject:
-        return _reprojected_rollout(wm, h, z, actions, sample)
+        return _reprojected_rollout(wm, h, z, actions, sample, keep_map)
     if sample or torch.is_grad_enabled():
         hs, zs = [], []
         for t in range(actions.shape[1]):
@@ -53,16 +57,22 @@ def _rollout(wm: WorldModel, state, actions, sample: bool, reproject: bool = Fal
     return out
 
 
-def _reprojected_rollout(wm: WorldModel, h, z, actions, sample: bool) -> dict:
+def _reprojected_rollout(wm: WorldModel, h, z, actions, sample: bool, keep_map: bool = False) -> dict:
     """Each step: the prior's latent, decoded to the model's own most likely frame (tile ids for a tiles model,
     the clamped frame otherwise), which the encoder and posterior read again for the step's latent. No real frame
-    is read: the rollout stays in imagination, on latents the posterior gives to frames."""
+    is read: the rollout stays in imagination, on latents the posterior gives to frames. `keep_map`: where the
+    place heads read another map from [h, that latent] than from [h, the prior's latent], the prior's is kept (a
+    frame drawn wrongly at a door or a fade is not taken as another map)."""
     rssm, hs, zs = wm.rssm, [], []
     for t in range(actions.shape[1]):
         h, prior_z, _ = rssm.img_step(h, z, actions[:, t], sample=sample)
         raw = wm.decode_raw(torch.cat([h, prior_z], -1).unsqueeze(1))[:, 0]
         frame = _tile_ids(wm, raw) if wm.tiles is not None else wm.frames_from_output(raw).clamp(0.0, 1.0)
         z = rssm.sample(rssm.posterior(h, rssm.post_embed_in(wm.encoder(frame))), sample)
+        if keep_map:
+            prior_map, map_now = (wm.place_head(torch.cat([h, latent], -1))["map_ids"].argmax(-1)
+                                  for latent in (prior_z, z))
+            z = torch.where((map_now == prior_map).unsqueeze(-1), z, prior_z)
         hs.append(h), zs.append(z)
     out = {"h": torch.stack(hs, 1), "z": torch.stack(zs, 1)}
     out["feat"] = features(out)
@@ -71,12 +81,13 @@ def _reprojected_rollout(wm: WorldModel, h, z, actions, sample: bool) -> dict:
 
 @torch.inference_mode()
 def imagine(wm: WorldModel, state: tuple[torch.Tensor, torch.Tensor], actions: torch.Tensor,
-            sample: bool = False, reproject: bool = False) -> dict:
+            sample: bool = False, reproject: bool = False, keep_map: bool = False) -> dict:
     """Roll the prior alone from `state` (h, z) = the belief at some frame t, taking actions (B, H)
     (actions[:, 0] = the action after frame t). Returns h, z, feat (B, H, .) for frames t+1..t+H.
     `sample=False` follows each prior's most likely class; True draws samples. `reproject`: each imagined
-    latent is decoded to a frame and encoded again by the posterior before it is fed back (slower)."""
-    return _rollout(wm, state, actions, sample, reproject)
+    latent is decoded to a frame and encoded again by the posterior before it is fed back (slower);
+    `keep_map` with it: not where that changes the map the place heads read (`_reprojected_rollout`)."""
+    return _rollout(wm, state, actions, sample, reproject, keep_map)
 
 
 def _tile_ids(wm: WorldModel, raw: torch.Tensor) -> torch.Tensor:
@@ -107,7 +118,7 @@ def decode(wm: WorldModel, feat: torch.Tensor, chunk: int = 64, tile_ids: bool =
 @torch.inference_mode()
 def open_loop(wm: WorldModel, frames: torch.Tensor, actions: torch.Tensor, context: int = 1,
               horizon: int | None = None, sample: bool = False, decode_frames: bool = True,
-              reproject: bool = False) -> dict:
+              reproject: bool = False, keep_map: bool = False) -> dict:
     """Observe frames[:, :context], then imagine `horizon` steps with actions[:, context-1:].
 
     frames (B, T, 3, H, W), actions (B, T). horizon defaults to T - context. Returns dict:
@@ -119,7 +130,7 @@ def open_loop(wm: WorldModel, frames: torch.Tensor, actions: torch.Tensor, conte
         raise ValueError(f"{horizon} imagined steps after {context} context frames need "
                          f"{context - 1 + horizon} actions, got {actions.shape[1]}")
     ctx = observe(wm, frames[:, :context], actions[:, :context])
-    imagined = _rollout(wm, last_state(ctx), actions[:, context - 1:context - 1 + horizon], sample, reproject)
+    imagined = _rollout(wm, last_state(ctx), actions[:, context - 1:context - 1 + horizon], sample, reproject, keep_map)
     out = {"context": ctx, "imagined": imagined}
     if decode_frames:
         out["recon"] = decode(wm, ctx["feat"])

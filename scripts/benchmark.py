@@ -21,6 +21,9 @@ Measured, each in its own forked process (so its peak RSS is its own and one can
                        with the first preset's rollouts
   env_steps_in_turns   env steps and the default preset's rollouts in one process, taking turns (chunks of
   imagine_default_in_turns  env steps, then a rollout; best of each): the imagined-per-emulator-step ratio
+  imagine_default_matmuls_in_turns  the rollout's matrix products alone (`rollout_matmuls`), the third turn: the
+                       most imagination could reach were its other work free (ratio
+                       imagined_per_emulator_step_matmul_ceiling)
   decode_<preset>      decoded frames/s (imagination.decode); its config holds parameter counts and the
                        checkpoint size (what scripts/benchmark_rssm.py reported)
   --hot-paths adds: channels_last flipped (for presets but faithful in turns, step by step, with the
@@ -595,12 +598,50 @@ def measure_imagination(preset, batch, horizon, repeats, threads, image_size, wi
     return result
 
 
+def rollout_matmuls(torch, wm, batch: int, horizon: int):
+    """A loop of only the matrix products `RSSM.greedy_rollout` runs for `horizon` steps of `batch` starts (the
+    GRU's, the prior MLP's layers), with the model's weights at their shapes, into preallocated outputs, each input
+    laid out as its product runs fastest: what a rollout would take if all its other work (the input table's sums,
+    norms, gates, the most likely classes) cost nothing. -> (the loop, multiply-adds per latent step)."""
+    cfg, rssm = wm.cfg, wm.rssm
+    products, macs = [], 0
+    h = torch.randn(batch, cfg.deter)
+    if cfg.gru == "torch":  # the input half is a table lookup; h's half is one matrix product
+        weight, bias = rssm.cell.weight_hh.detach(), rssm.cell.bias_hh.detach()
+        out = torch.empty(batch, weight.shape[0])
+        products.append(lambda weight=weight, bias=bias, out=out: torch.addmm(bias, h, weight.t(), out=out))
+    elif cfg.gru_blocks == 1:
+        weight = rssm.cell.linear.weight.detach()
+        xh, out = torch.randn(batch, weight.shape[1]), torch.empty(batch, weight.shape[0])
+        products.append(lambda weight=weight, xh=xh, out=out: torch.mm(xh, weight.t(), out=out))
+    else:  # block-diagonal: (G, batch, k) x (G, k, 3 D / G)
+        weight = rssm.cell.block_weight.detach()
+        xh = torch.randn(weight.shape[0], batch, weight.shape[1])
+        out = torch.empty(weight.shape[0], batch, weight.shape[2])
+        products.append(lambda weight=weight, xh=xh, out=out: torch.bmm(xh, weight, out=out))
+    macs += weight.numel()
+    x = h
+    for layer in (m for m in rssm.prior_net if isinstance(m, torch.nn.Linear)):
+        weight, bias, out = layer.weight.detach(), layer.bias.detach(), torch.empty(batch, layer.out_features)
+        products.append(lambda x=x, weight=weight, bias=bias, out=out: torch.addmm(bias, x, weight.t(), out=out))
+        macs += weight.numel()
+        x = out
+
+    def loop():
+        for _ in range(horizon):
+            for product in products:
+                product()
+
+    return loop, macs
+
+
 def measure_dreaming(rom, state_file, steps, episode_length, preset, batch, horizon, repeats, threads,
                      image_size) -> dict:
     """The emulator and imagination in ONE process, taking turns `repeats` times: a chunk of
-    steps / repeats random env steps, then one rollout as in measure_imagination. Both figures are the best
-    turn's, so a slow patch of a shared machine cannot fall on one side of the ratio only.
-    -> env steps/s (value) and latent steps/s ("imagination")."""
+    steps / repeats random env steps, then one rollout as in measure_imagination, then the rollout's matrix
+    products alone (`rollout_matmuls`). Each figure is the best turn's, so a slow patch of a shared machine cannot
+    fall on one side of a ratio only. -> env steps/s (value), latent steps/s ("imagination") and the latent steps/s
+    of the matrix products alone ("matmuls": the most the rollout could reach with all else free)."""
     import imagination
 
     checkpoint.keep_freed_memory()  # as measure_imagination
@@ -610,11 +651,15 @@ def measure_dreaming(rom, state_file, steps, episode_length, preset, batch, hori
     wm = _world_model(torch, preset, image_size).eval()
     state = wm.rssm.initial(batch)
     chunk = max(1, steps // repeats)
-    turns = {"env": lambda: random_steps(env, rng, chunk), "imagination": lambda: imagination.imagine(wm, state, actions)}
-    baseline, best, faults = in_turns(turns, repeats)
+    matmuls, macs = rollout_matmuls(torch, wm, batch, horizon)
+    turns = {"env": lambda: random_steps(env, rng, chunk), "imagination": lambda: imagination.imagine(wm, state, actions),
+             "matmuls": matmuls}
+    with torch.inference_mode():
+        baseline, best, faults = in_turns(turns, repeats)
     env.close()
     return {"value": chunk / best["env"], "unit": "steps/s", "baseline_rss_mb": baseline,
             "imagination": batch * horizon / best["imagination"], "imagination_faults": faults["imagination"],
+            "matmuls": batch * horizon / best["matmuls"], "matmul_macs_per_step": macs,
             "config": {"steps": chunk * repeats, "chunks": repeats, **config,
                        "way": "PokemonEnv.step, best chunk", "allocator": "keep_freed_memory", "imagination": {
                            "preset": preset, "batch": batch, "horizon": horizon, "threads": threads,
@@ -734,8 +779,17 @@ def run(args) -> dict:
             "value": turns.pop("imagination"), "unit": "latent steps/s", "peak_rss_mb": turns["peak_rss_mb"],
             "minor_page_faults_per_rollout": turns.pop("imagination_faults"),
             "baseline_rss_mb": turns["baseline_rss_mb"], "seconds": turns["seconds"],
-            "config": dict(turns["config"].pop("imagination"), way="imagination.imagine (inference mode), best "
-                           "rollout", interleaved_with=[turns["config"]["way"]])}
+            "config": dict(turns["config"]["imagination"], way="imagination.imagine (inference mode), best "
+                           "rollout", interleaved_with=[turns["config"]["way"], "rollout_matmuls"])}
+        macs = turns.pop("matmul_macs_per_step")
+        results[f"imagine_{dreamer}_matmuls_in_turns"] = {
+            "value": turns.pop("matmuls"), "unit": "latent steps/s", "peak_rss_mb": turns["peak_rss_mb"],
+            "baseline_rss_mb": turns["baseline_rss_mb"], "seconds": turns["seconds"],
+            "config": dict(turns["config"].pop("imagination"), way="rollout_matmuls: the rollout's matrix products "
+                           "alone, best loop", multiply_adds_per_step=macs,
+                           interleaved_with=[turns["config"]["way"], "imagination.imagine (inference mode)"])}
+        matmul_rate = results[f"imagine_{dreamer}_matmuls_in_turns"]
+        matmul_rate["config"]["gmac_per_s"] = matmul_rate["value"] * macs / 1e9
         for preset in args.presets:
             record(f"decode_{preset}", measure_decoding, preset=preset, frames=s["decode_frames"], threads=threads,
                    image_size=image_size)
@@ -798,6 +852,10 @@ def run(args) -> dict:
     ratios["imagined_per_emulator_step"] = ratio(results[f"imagine_{best}_in_turns"], results["env_steps_in_turns"],
                                                  200.0, f"imagine_{best}_in_turns / env_steps_in_turns (one process, "
                                                         "taking turns)")
+    ratios["imagined_per_emulator_step_matmul_ceiling"] = ratio(
+        results[f"imagine_{best}_matmuls_in_turns"], results["env_steps_in_turns"], None,
+        f"imagine_{best}_matmuls_in_turns / env_steps_in_turns: the ratio if everything in a rollout but its matrix "
+        "products were free")
     ratios["imagined_per_emulator_step_apart"] = ratio(results[f"imagine_{best}"], results["env_steps"], None,
                                                        f"imagine_{best} / env_steps (measured minutes apart)")
     ratios["imagined_per_emulator_step_per_core"] = {

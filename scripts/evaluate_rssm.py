@@ -19,7 +19,8 @@ Writes results.json, results.md (one table, checkpoints side by side) and drift.
 that an imagined state with a few latents off the posterior's is not read as a different place by that alone.
 `--reproject` imagines differently: each step's prior latent is decoded to the model's most likely frame, which
 the encoder and posterior read again for the latent fed back (still no real frame after the context; as
-evaluate_drift.py's --reproject for v1). `--episodes train` scores the training episodes instead (the same
+evaluate_drift.py's --reproject for v1); with `--keep-map` a step keeps the prior's latent where the re-encoded one
+would move the map the model's place heads read. `--episodes train` scores the training episodes instead (the same
 measures; against the held-out figures, the generalisation gap).
 """
 from __future__ import annotations
@@ -62,6 +63,9 @@ def parse_args(argv=None):
     p.add_argument("--reproject", action="store_true",
                    help="decode every imagined latent to the model's most likely frame and let the posterior encode "
                         "it again before it is fed back (still no real frame after the context); default: the prior alone")
+    p.add_argument("--keep-map", action="store_true",
+                   help="with --reproject: keep the prior's latent at a step where the re-encoded one would make the "
+                        "model's place heads read another map (needs a model trained with place heads)")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     p.add_argument("--out-dir", default="outputs/eval_rssm", help="where results.json/.md and drift.png go")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run")
@@ -75,6 +79,8 @@ def parse_args(argv=None):
         raise UserError("--horizon and --context must be at least 1")
     if not 0.0 <= args.probe_latent_noise < 1.0:
         raise UserError(f"--probe-latent-noise {args.probe_latent_noise} is not a probability below 1; use e.g. 0.1 (0: off)")
+    if args.keep_map and not args.reproject:
+        raise UserError("--keep-map gates --reproject's re-encoded latents; pass --reproject with it")
     return args
 
 
@@ -144,6 +150,9 @@ def evaluate_checkpoint(path: Path, ds, train_starts, scored_starts, args, devic
     if tuple(wm.cfg.image_size) != tuple(ds.resolution):
         raise UserError(f"{path} expects {wm.cfg.image_size[0]}x{wm.cfg.image_size[1]} frames but {args.data_dir} "
                         f"holds {ds.resolution[0]}x{ds.resolution[1]}")
+    if args.keep_map and wm.place_head is None:
+        raise UserError(f"{path} has no place heads (trained with place_scale 0), which --keep-map reads; "
+                        "drop --keep-map for it")
     feats, targets = posterior_features(wm, ds, evenly(train_starts, args.probe_windows), args.batch_size, device)
     layout = (wm.cfg.deter, wm.cfg.stoch, wm.cfg.classes)
     probe = train_probe(feats, targets, args.probe_steps, args.seed, args.probe_latent_noise, layout)
@@ -165,7 +174,8 @@ def evaluate_checkpoint(path: Path, ds, train_starts, scored_starts, args, devic
         batch = ds.get_batch(windows[i:i + args.batch_size])
         frames = frames_to_float(batch["obs"], device)  # (B, C+K, 3, H, W)
         actions = batch["actions"].to(device)
-        out = imagination.open_loop(wm, frames, actions, context=C, horizon=K, reproject=args.reproject)
+        out = imagination.open_loop(wm, frames, actions, context=C, horizon=K, reproject=args.reproject,
+                                     keep_map=args.keep_map)
         xs, ys, maps = batch["xs"][:, C:].float(), batch["ys"][:, C:].float(), batch["map_ids"][:, C:]
         error, correct = probe_scores(probe, out["imagined"]["feat"].cpu(), xs, ys, maps)  # (B, K)
         frame_mse = (out["pred"] - frames[:, C:]).pow(2).mean((-3, -2, -1)).cpu()  # (B, K)
@@ -253,7 +263,7 @@ TILE_ROWS = (  # tiles models only: the posterior's most likely tile per cell ag
 )
 
 
-def markdown(results: dict, horizon: int, episodes: str = "val", reproject: bool = False) -> str:
+def markdown(results: dict, horizon: int, episodes: str = "val", reproject: bool = False, keep_map: bool = False) -> str:
     labels = list(results)
     head = ("| k | no-move tile err | " + " | ".join(f"{l} tile err | {l} map acc | {l} PSNR dB" for l in labels)
             + " |")
@@ -275,6 +285,8 @@ def markdown(results: dict, horizon: int, episodes: str = "val", reproject: bool
         lines.append(f"| posterior reconstruction PSNR on {scene} frames | " + " | ".join(cells) + " |")
     how = ("each prior latent decoded to the model's most likely frame and encoded again by the posterior (--reproject)"
            if reproject else "prior only")
+    if keep_map:
+        how += ", the prior's latent kept where the re-encoded one changes the map the place heads read (--keep-map)"
     lines += ["", f"Per imagined step k ({how} after the context frames; no-move: the tile error of guessing that",
               "the player stays where the last context frame shows it, a floor any useful imagination must beat):",
               "", head, rule]
@@ -373,9 +385,10 @@ def main(argv=None):
     artifacts.write_json(out / "results.json", {"data_dir": str(args.data_dir), "horizon": args.horizon,
                                                 "context": args.context, "episodes": args.episodes,
                                                 "probe_latent_noise": args.probe_latent_noise,
-                                                "reproject": args.reproject,
+                                                "reproject": args.reproject, "keep_map": args.keep_map,
                                                 "results": results})
-    artifacts.write_text(out / "results.md", markdown(results, args.horizon, args.episodes, args.reproject))
+    artifacts.write_text(out / "results.md", markdown(results, args.horizon, args.episodes, args.reproject,
+                                                          args.keep_map))
     plot(results, out / "drift.png")
     print(f"wrote {out / 'results.md'}, results.json, drift.png", flush=True)
 

@@ -11,10 +11,11 @@ from conftest import load_script, run_script
 
 MEASUREMENTS = ("env_steps", "collect_original", "collect_1_worker", "collect_2_workers", "train_faithful",
                 "train_default", "train_faithful_original", "imagine_faithful", "imagine_default", "imagine_original",
-                "decode_faithful", "decode_default", "env_steps_in_turns", "imagine_default_in_turns")
+                "decode_faithful", "decode_default", "env_steps_in_turns", "imagine_default_in_turns",
+                "imagine_default_matmuls_in_turns")
 RATIOS = ("collector_vs_original_per_worker", "workers_2_vs_1", "train_faithful_vs_original",
           "imagine_default_vs_original", "imagined_per_emulator_step", "imagined_per_emulator_step_per_core",
-          "imagined_per_emulator_step_apart")
+          "imagined_per_emulator_step_apart", "imagined_per_emulator_step_matmul_ceiling")
 
 
 def finite_numbers(value, where):
@@ -57,6 +58,11 @@ def test_quick_benchmark_reports_every_field(tmp_path, cartridge_rom):
         turns["value"] / report["results"]["env_steps_in_turns"]["value"])
     for name in ("train_faithful", "train_faithful_original", "train_default"):
         assert report["results"][name]["minor_page_faults_per_step"] >= 0, name
+    ceiling = report["results"]["imagine_default_matmuls_in_turns"]  # the same rollout's matrix products alone
+    assert ceiling["config"]["multiply_adds_per_step"] > 0 and ceiling["config"]["batch"] == turns["config"]["batch"]
+    assert ceiling["config"]["gmac_per_s"] == pytest.approx(ceiling["value"] * ceiling["config"]["multiply_adds_per_step"] / 1e9)
+    assert report["ratios"]["imagined_per_emulator_step_matmul_ceiling"]["value"] == pytest.approx(
+        ceiling["value"] / report["results"]["env_steps_in_turns"]["value"])
     before = report["results"]["imagine_default_at_HEAD"]  # models.py as committed, in turns with the tree's
     assert before["config"]["interleaved_with"] == ["imagination.imagine (inference mode)"]
     assert "at_HEAD" in report["results"]["imagine_default"]["config"]["interleaved_with"]
@@ -88,6 +94,31 @@ def test_imagination_measures_the_model_it_is_given_and_its_variants_in_turns():
     for name, fields in benchmark.IMAGINATION_VARIANTS.items():
         variant = benchmark.paired(every, name, name, **fields)
         assert variant["value"] > 0 and variant["config"].items() >= fields.items() and name not in every
+
+
+@pytest.mark.parametrize("preset, overrides", [("default", {}), ("default", {"gru_blocks": 1}), ("faithful", {}),
+                                               ("tiny", {})])
+def test_matmul_ceiling_runs_the_matrix_products_of_a_rollout_step(preset, overrides):
+    """rollout_matmuls: per latent step as many multiply-adds as RSSM.greedy_rollout's own matrix products (torch's
+    FLOP counter: a rollout one step longer costs 2 x batch x macs FLOPs more), for each kind of GRU."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    benchmark = load_script("benchmark")
+    wm = benchmark._world_model(torch, preset, (144, 160), overrides=overrides).eval()
+    batch = 4
+    loop, macs = benchmark.rollout_matmuls(torch, wm, batch, horizon=3)
+
+    def flops(function):
+        with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+            function()
+        return counter.get_total_flops()
+
+    h, z = wm.rssm.initial(batch)
+    per_step = [flops(lambda: wm.rssm.greedy_rollout(h, z, torch.zeros(batch, horizon, dtype=torch.long)))
+                for horizon in (2, 3)]
+    assert macs > 0 and per_step[1] - per_step[0] == 2 * batch * macs
+    assert flops(loop) == 3 * 2 * batch * macs
 
 
 def test_against_another_models_file_times_it_in_turns_or_says_it_differs(tmp_path, collected_data):

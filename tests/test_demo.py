@@ -22,7 +22,7 @@ def test_make_demo_tiny(tmp_path, cartridge_rom):
 
     assert len(PokemonDataset(out / "data", seq_len=15)) > 0
     ckpt = load_checkpoint(out / "rssm" / "best_world_model.pt", kind="rssm")
-    assert ckpt["config"]["preset"] == "tiny"
+    assert ckpt["config"]["preset"] == "tiny" and ckpt["config"]["train_precision"] == "auto"  # DEMO_PRECISION
     frames = imageio.mimread(out / "side_by_side.gif")
     assert len(frames) == 31  # --max-steps 30 plus the start frame
     assert imageio.get_reader(out / "side_by_side.mp4").count_frames() == 31

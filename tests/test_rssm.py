@@ -361,6 +361,35 @@ def test_reprojected_imagination_feeds_back_the_posterior_of_its_own_decoded_fra
     assert not torch.equal(plain["z"], out["z"][:, 1:])  # the posterior's latents, not the prior's
 
 
+def test_map_kept_reprojection_keeps_the_prior_latent_where_the_place_heads_read_another_map():
+    torch.manual_seed(0)
+    wm = WorldModel(RSSMConfig.from_preset("default")).eval()  # the default preset has place heads
+    wm.tiles.size.fill_(wm.cfg.tile_vocab)
+    rssm, B, H = wm.rssm, 16, 3
+    h, z = torch.randn(B, wm.cfg.deter), rssm.sample(rssm.log_probs(torch.randn(B, wm.cfg.stoch * wm.cfg.classes)), False)
+    actions = torch.randint(0, 8, (B, H))
+    out = imagination.imagine(wm, (h, z), actions, reproject=True, keep_map=True)
+    kept = taken = 0
+    with torch.inference_mode():  # by hand: the reprojected latent where the map read stays, else the prior's
+        for t in range(H):
+            h, prior_z, _ = rssm.img_step(h, z, actions[:, t], sample=False)
+            ids = imagination.decode(wm, torch.cat([h, prior_z], -1).unsqueeze(1), tile_ids=True)[1]
+            again = rssm.sample(rssm.posterior(h, rssm.post_embed_in(wm.encoder(ids.flatten(0, 1)).view(B, -1))), False)
+            maps = [wm.place_head(torch.cat([h, latent], -1))["map_ids"].argmax(-1) for latent in (prior_z, again)]
+            same = maps[0] == maps[1]
+            z = torch.where(same[:, None], again, prior_z)
+            kept += int((~same).sum())
+            taken += int((same & (again != prior_z).any(-1)).sum())
+            torch.testing.assert_close(out["h"][:, t], h)
+            assert torch.equal(out["z"][:, t], z)
+    assert kept > 0 and taken > 0  # both branches ran
+    tiny = WorldModel(RSSMConfig.from_preset("tiny")).eval()
+    with pytest.raises(ValueError, match="place heads"):
+        imagination.imagine(tiny, tiny.rssm.initial(1), actions[:1], reproject=True, keep_map=True)
+    with pytest.raises(ValueError, match="reproject=True"):
+        imagination.imagine(wm, (h, z), actions, keep_map=True)
+
+
 @pytest.mark.parametrize("preset, overrides, tie", [
     ("default", {}, False), ("default", {"gru_blocks": 1}, False), ("default", {}, True),
     ("default", {"prior_layers": 0}, False), ("default", {"prior_layers": 2}, False),
@@ -611,6 +640,11 @@ def test_train_rssm_fits_the_tile_codebook_and_resume_keeps_it(data_dir, tmp_pat
     reprojected = json.loads((tmp_path / "eval_reproject" / "results.json").read_text())
     assert reprojected["reproject"] is True and all(math.isfinite(s["tile_error"]) for s in
                                                     next(iter(reprojected["results"].values()))["steps"])
+    for extra in (["--keep-map"], ["--keep-map", "--reproject"]):  # alone; on a model without place heads
+        refused = run_script("evaluate_rssm.py", "--checkpoints", tmp_path / "best_world_model.pt", "--data-dir",
+                             data_dir, "--out-dir", tmp_path / "eval_keep_map", "--threads", 1, *extra)
+        assert refused.returncode == 2 and refused.stderr.strip().count("\n") == 0, refused.stderr[-3000:]
+        assert ("--reproject" if len(extra) == 1 else "place heads") in refused.stderr
     tiles_row = next(iter(json.loads((tmp_path / "eval" / "results.json").read_text())["results"].values()))["recon_tiles"]
     from dataset import PokemonDataset, evenly, frames_to_float
 
