@@ -604,7 +604,7 @@ def rollout_matmuls(torch, wm, batch: int, horizon: int):
     laid out as its product runs fastest: what a rollout would take if all its other work (the input table's sums,
     norms, gates, the most likely classes) cost nothing. -> (the loop, multiply-adds per latent step)."""
     cfg, rssm = wm.cfg, wm.rssm
-    products, macs = [], 0
+    products = []
     h = torch.randn(batch, cfg.deter)
     if cfg.gru == "torch":  # the input half is a table lookup; h's half is one matrix product
         weight, bias = rssm.cell.weight_hh.detach(), rssm.cell.bias_hh.detach()
@@ -619,7 +619,7 @@ def rollout_matmuls(torch, wm, batch: int, horizon: int):
         xh = torch.randn(weight.shape[0], batch, weight.shape[1])
         out = torch.empty(weight.shape[0], batch, weight.shape[2])
         products.append(lambda weight=weight, xh=xh, out=out: torch.bmm(xh, weight, out=out))
-    macs += weight.numel()
+    macs = weight.numel()  # the GRU's, whichever branch set it
     x = h
     for layer in (m for m in rssm.prior_net if isinstance(m, torch.nn.Linear)):
         weight, bias, out = layer.weight.detach(), layer.bias.detach(), torch.empty(batch, layer.out_features)
@@ -654,8 +654,7 @@ def measure_dreaming(rom, state_file, steps, episode_length, preset, batch, hori
     matmuls, macs = rollout_matmuls(torch, wm, batch, horizon)
     turns = {"env": lambda: random_steps(env, rng, chunk), "imagination": lambda: imagination.imagine(wm, state, actions),
              "matmuls": matmuls}
-    with torch.inference_mode():
-        baseline, best, faults = in_turns(turns, repeats)
+    baseline, best, faults = in_turns(turns, repeats)
     env.close()
     return {"value": chunk / best["env"], "unit": "steps/s", "baseline_rss_mb": baseline,
             "imagination": batch * horizon / best["imagination"], "imagination_faults": faults["imagination"],
@@ -781,15 +780,13 @@ def run(args) -> dict:
             "baseline_rss_mb": turns["baseline_rss_mb"], "seconds": turns["seconds"],
             "config": dict(turns["config"]["imagination"], way="imagination.imagine (inference mode), best "
                            "rollout", interleaved_with=[turns["config"]["way"], "rollout_matmuls"])}
-        macs = turns.pop("matmul_macs_per_step")
+        rate, macs = turns.pop("matmuls"), turns.pop("matmul_macs_per_step")
         results[f"imagine_{dreamer}_matmuls_in_turns"] = {
-            "value": turns.pop("matmuls"), "unit": "latent steps/s", "peak_rss_mb": turns["peak_rss_mb"],
+            "value": rate, "unit": "latent steps/s", "peak_rss_mb": turns["peak_rss_mb"],
             "baseline_rss_mb": turns["baseline_rss_mb"], "seconds": turns["seconds"],
             "config": dict(turns["config"].pop("imagination"), way="rollout_matmuls: the rollout's matrix products "
-                           "alone, best loop", multiply_adds_per_step=macs,
+                           "alone, best loop", multiply_adds_per_step=macs, gmac_per_s=rate * macs / 1e9,
                            interleaved_with=[turns["config"]["way"], "imagination.imagine (inference mode)"])}
-        matmul_rate = results[f"imagine_{dreamer}_matmuls_in_turns"]
-        matmul_rate["config"]["gmac_per_s"] = matmul_rate["value"] * macs / 1e9
         for preset in args.presets:
             record(f"decode_{preset}", measure_decoding, preset=preset, frames=s["decode_frames"], threads=threads,
                    image_size=image_size)

@@ -336,16 +336,19 @@ def test_imagination_rolls_the_prior_and_decodes():
     assert any(p.grad is not None for p in actor.parameters())
 
 
-@pytest.mark.parametrize("preset", ["default", "tiny"])
-def test_reprojected_imagination_feeds_back_the_posterior_of_its_own_decoded_frame(preset):
+@pytest.mark.parametrize("preset, keep_map", [("default", False), ("tiny", False), ("default", True)])
+def test_reprojected_imagination_feeds_back_the_posterior_of_its_own_decoded_frame(preset, keep_map):
+    """Each step's latent is the posterior of the model's own most likely frame; with keep_map, the prior's latent
+    where the place heads read another map from it (the default preset has place heads)."""
     torch.manual_seed(0)
     wm = WorldModel(RSSMConfig.from_preset(preset)).eval()
     if wm.tiles is not None:
         wm.tiles.size.fill_(wm.cfg.tile_vocab)  # an unfitted codebook: ids are all the encoder reads here
-    rssm, B, H = wm.rssm, 2, 4
+    rssm, B, H = wm.rssm, 16 if keep_map else 2, 3 if keep_map else 4
     h, z = torch.randn(B, wm.cfg.deter), rssm.sample(rssm.log_probs(torch.randn(B, wm.cfg.stoch * wm.cfg.classes)), False)
     actions = torch.randint(0, 8, (B, H))
-    out = imagination.imagine(wm, (h, z), actions, reproject=True)
+    out = imagination.imagine(wm, (h, z), actions, reproject=True, keep_map=keep_map)
+    kept = taken = 0
     with torch.inference_mode():  # by hand: prior step, the most likely frame, the posterior of that frame
         for t in range(H):
             h, prior_z, _ = rssm.img_step(h, z, actions[:, t], sample=False)
@@ -355,39 +358,23 @@ def test_reprojected_imagination_feeds_back_the_posterior_of_its_own_decoded_fra
             else:
                 embed = wm.embed(imagination.decode(wm, feat))[:, 0]
             z = rssm.sample(rssm.posterior(h, rssm.post_embed_in(embed)), False)
+            if keep_map:
+                maps = [wm.place_head(torch.cat([h, latent], -1))["map_ids"].argmax(-1) for latent in (prior_z, z)]
+                same = maps[0] == maps[1]
+                kept += int((~same).sum())
+                taken += int((same & (z != prior_z).any(-1)).sum())
+                z = torch.where(same[:, None], z, prior_z)
             torch.testing.assert_close(out["h"][:, t], h)
             assert torch.equal(out["z"][:, t], z)
     plain = imagination.imagine(wm, (out["h"][:, 0], out["z"][:, 0]), actions[:, 1:])
     assert not torch.equal(plain["z"], out["z"][:, 1:])  # the posterior's latents, not the prior's
-
-
-def test_map_kept_reprojection_keeps_the_prior_latent_where_the_place_heads_read_another_map():
-    torch.manual_seed(0)
-    wm = WorldModel(RSSMConfig.from_preset("default")).eval()  # the default preset has place heads
-    wm.tiles.size.fill_(wm.cfg.tile_vocab)
-    rssm, B, H = wm.rssm, 16, 3
-    h, z = torch.randn(B, wm.cfg.deter), rssm.sample(rssm.log_probs(torch.randn(B, wm.cfg.stoch * wm.cfg.classes)), False)
-    actions = torch.randint(0, 8, (B, H))
-    out = imagination.imagine(wm, (h, z), actions, reproject=True, keep_map=True)
-    kept = taken = 0
-    with torch.inference_mode():  # by hand: the reprojected latent where the map read stays, else the prior's
-        for t in range(H):
-            h, prior_z, _ = rssm.img_step(h, z, actions[:, t], sample=False)
-            ids = imagination.decode(wm, torch.cat([h, prior_z], -1).unsqueeze(1), tile_ids=True)[1]
-            again = rssm.sample(rssm.posterior(h, rssm.post_embed_in(wm.encoder(ids.flatten(0, 1)).view(B, -1))), False)
-            maps = [wm.place_head(torch.cat([h, latent], -1))["map_ids"].argmax(-1) for latent in (prior_z, again)]
-            same = maps[0] == maps[1]
-            z = torch.where(same[:, None], again, prior_z)
-            kept += int((~same).sum())
-            taken += int((same & (again != prior_z).any(-1)).sum())
-            torch.testing.assert_close(out["h"][:, t], h)
-            assert torch.equal(out["z"][:, t], z)
-    assert kept > 0 and taken > 0  # both branches ran
-    tiny = WorldModel(RSSMConfig.from_preset("tiny")).eval()
-    with pytest.raises(ValueError, match="place heads"):
-        imagination.imagine(tiny, tiny.rssm.initial(1), actions[:1], reproject=True, keep_map=True)
-    with pytest.raises(ValueError, match="reproject=True"):
-        imagination.imagine(wm, (h, z), actions, keep_map=True)
+    if keep_map:
+        assert kept > 0 and taken > 0  # both branches ran
+        tiny = WorldModel(RSSMConfig.from_preset("tiny")).eval()
+        with pytest.raises(ValueError, match="place heads"):
+            imagination.imagine(tiny, tiny.rssm.initial(1), actions[:1], reproject=True, keep_map=True)
+        with pytest.raises(ValueError, match="reproject=True"):
+            imagination.imagine(wm, (h, z), actions, keep_map=True)
 
 
 @pytest.mark.parametrize("preset, overrides, tie", [
