@@ -16,14 +16,17 @@ Measured, each in its own forked process (so its peak RSS is its own and one can
   train_faithful_original   the ORIGINAL's training loop (`original_batch`, `original_forward`) on the same
                        faithful model (NCHW, the allocator untouched) in a process of its own, its steps
                        INTERLEAVED with train_faithful's (the two take turns, step by step)
-  imagine_<preset>     latent steps/s of the prior alone (imagination.imagine, no decoding)
+  imagine_<preset>     latent steps/s of the prior alone (imagination.imagine, no decoding); where the greedy
+                       rollout runs fused_rollout.cpp's loop (config fused: true), in turns with the same rollouts
+                       in torch's loop (imagine_<preset>_torch_loop, ratio imagine_<preset>_fused_vs_torch_loop)
   imagine_original     a plain GRUCell + MLP step at the faithful sizes (`original_prior_step`), interleaved
                        with the first preset's rollouts
   env_steps_in_turns   env steps and the default preset's rollouts in one process, taking turns (chunks of
   imagine_default_in_turns  env steps, then a rollout; best of each): the imagined-per-emulator-step ratio
   imagine_default_matmuls_in_turns  the rollout's matrix products alone (`rollout_matmuls`), the third turn: the
                        most imagination could reach were its other work free (ratio
-                       imagined_per_emulator_step_matmul_ceiling)
+                       imagined_per_emulator_step_matmul_ceiling); with fused rollouts a fourth turn,
+  imagine_default_torch_loop_in_turns  the rollouts in torch's loop (ratio imagined_per_emulator_step_torch_loop)
   decode_<preset>      decoded frames/s (imagination.decode); its config holds parameter counts and the
                        checkpoint size (what scripts/benchmark_rssm.py reported)
   --hot-paths adds: channels_last flipped (for presets but faithful in turns, step by step, with the
@@ -568,6 +571,9 @@ def measure_imagination(preset, batch, horizon, repeats, threads, image_size, wi
     wm = _world_model(torch, preset, image_size, overrides=overrides).eval()  # image size: encoder/decoder only
     state = wm.rssm.initial(batch)
     rollouts = {"ours": lambda: imagination.imagine(wm, state, actions)}
+    fused = _fused(torch, wm, state)
+    if fused:  # the same rollout in torch's loop (fused_rollout.off), in turns with the compiled one
+        rollouts["torch_loop"] = lambda: _torch_loop(imagination.imagine, wm, state, actions)
     if with_original:
         step = original_prior_step(torch)
         start = (torch.zeros(batch, 512), torch.zeros(batch, 1024))
@@ -590,12 +596,29 @@ def measure_imagination(preset, batch, horizon, repeats, threads, image_size, wi
               "config": {"preset": preset, "batch": batch, "horizon": horizon, "repeats": repeats, "threads": threads,
                          "allocator": "keep_freed_memory" if keep_memory else "default",
                          "deter": wm.cfg.deter, "gru_blocks": wm.cfg.gru_blocks, "prior_layers": wm.cfg.prior_layers,
-                         "stoch": wm.cfg.stoch, "classes": wm.cfg.classes, "decoding": False, "way": "imagination.imagine (inference mode)",
+                         "stoch": wm.cfg.stoch, "classes": wm.cfg.classes, "decoding": False, "fused": fused,
+                         "way": "imagination.imagine (inference mode)",
                          "interleaved_with": [name for name in rollouts if name != "ours"]}}
     for name in rollouts:
         if name != "ours":
             result[name] = batch * horizon / best[name]
     return result
+
+
+def _fused(torch, wm, state) -> bool:
+    """Whether imagination.imagine's greedy rollouts of wm run fused_rollout.cpp's loop here."""
+    import fused_rollout
+
+    with torch.inference_mode():
+        return fused_rollout.supported(wm.rssm, state[0])
+
+
+def _torch_loop(imagine, *args):
+    """imagine(*args) with the greedy rollout in torch's loop (RSSM.greedy_rollout without fused_rollout.cpp)."""
+    import fused_rollout
+
+    with fused_rollout.off():
+        return imagine(*args)
 
 
 def rollout_matmuls(torch, wm, batch: int, horizon: int):
@@ -654,15 +677,19 @@ def measure_dreaming(rom, state_file, steps, episode_length, preset, batch, hori
     matmuls, macs = rollout_matmuls(torch, wm, batch, horizon)
     turns = {"env": lambda: random_steps(env, rng, chunk), "imagination": lambda: imagination.imagine(wm, state, actions),
              "matmuls": matmuls}
+    fused = _fused(torch, wm, state)
+    if fused:
+        turns["torch_loop"] = lambda: _torch_loop(imagination.imagine, wm, state, actions)
     baseline, best, faults = in_turns(turns, repeats)
     env.close()
+    extra = {"torch_loop": batch * horizon / best["torch_loop"]} if fused else {}
     return {"value": chunk / best["env"], "unit": "steps/s", "baseline_rss_mb": baseline,
             "imagination": batch * horizon / best["imagination"], "imagination_faults": faults["imagination"],
-            "matmuls": batch * horizon / best["matmuls"], "matmul_macs_per_step": macs,
+            "matmuls": batch * horizon / best["matmuls"], "matmul_macs_per_step": macs, **extra,
             "config": {"steps": chunk * repeats, "chunks": repeats, **config,
                        "way": "PokemonEnv.step, best chunk", "allocator": "keep_freed_memory", "imagination": {
                            "preset": preset, "batch": batch, "horizon": horizon, "threads": threads,
-                           "gru_blocks": wm.cfg.gru_blocks, "allocator": "keep_freed_memory"}}}
+                           "gru_blocks": wm.cfg.gru_blocks, "allocator": "keep_freed_memory", "fused": fused}}}
 
 
 def measure_decoding(preset, frames, threads, image_size) -> dict:
@@ -761,6 +788,10 @@ def run(args) -> dict:
             variants = IMAGINATION_VARIANTS if args.hot_paths and preset == "default" else None
             record(f"imagine_{preset}", measure_imagination, preset=preset, with_original=index == 0,
                    variants=variants, against=against if preset == "default" else None, **imag)
+            if "torch_loop" in results[f"imagine_{preset}"]:
+                results[f"imagine_{preset}_torch_loop"] = paired(
+                    results[f"imagine_{preset}"], "torch_loop", "imagination.imagine in torch's loop "
+                    "(fused_rollout.off)", fused=False)
             if index == 0:
                 results["imagine_original"] = paired(
                     results[f"imagine_{preset}"], "original",
@@ -780,6 +811,13 @@ def run(args) -> dict:
             "baseline_rss_mb": turns["baseline_rss_mb"], "seconds": turns["seconds"],
             "config": dict(turns["config"]["imagination"], way="imagination.imagine (inference mode), best "
                            "rollout", interleaved_with=[turns["config"]["way"], "rollout_matmuls"])}
+        if "torch_loop" in turns:
+            results[f"imagine_{dreamer}_torch_loop_in_turns"] = {
+                "value": turns.pop("torch_loop"), "unit": "latent steps/s", "peak_rss_mb": turns["peak_rss_mb"],
+                "baseline_rss_mb": turns["baseline_rss_mb"], "seconds": turns["seconds"],
+                "config": dict(turns["config"]["imagination"], fused=False, way="imagination.imagine in torch's loop "
+                               "(fused_rollout.off), best rollout", interleaved_with=[
+                                   turns["config"]["way"], "imagination.imagine (inference mode)", "rollout_matmuls"])}
         rate, macs = turns.pop("matmuls"), turns.pop("matmul_macs_per_step")
         results[f"imagine_{dreamer}_matmuls_in_turns"] = {
             "value": rate, "unit": "latent steps/s", "peak_rss_mb": turns["peak_rss_mb"],
@@ -834,6 +872,11 @@ def run(args) -> dict:
             if "faithful" in args.presets:
                 ratios[f"train_{preset}_vs_faithful"] = ratio(results[f"train_{preset}"], results["train_faithful"],
                                                               10.0 if preset == "default" else None)
+    for preset in args.presets:
+        if f"imagine_{preset}_torch_loop" in results:
+            ratios[f"imagine_{preset}_fused_vs_torch_loop"] = ratio(
+                results[f"imagine_{preset}"], results[f"imagine_{preset}_torch_loop"], None,
+                "fused_rollout.cpp's greedy rollout / the same in torch's loop, in turns")
     for name in IMAGINATION_VARIANTS:
         if f"imagine_default_{name}" in results:
             ratios[f"imagine_default_vs_{name}"] = ratio(results["imagine_default"], results[f"imagine_default_{name}"],
@@ -853,6 +896,10 @@ def run(args) -> dict:
         results[f"imagine_{best}_matmuls_in_turns"], results["env_steps_in_turns"], None,
         f"imagine_{best}_matmuls_in_turns / env_steps_in_turns: the ratio if everything in a rollout but its matrix "
         "products were free")
+    if f"imagine_{best}_torch_loop_in_turns" in results:
+        ratios["imagined_per_emulator_step_torch_loop"] = ratio(
+            results[f"imagine_{best}_torch_loop_in_turns"], results["env_steps_in_turns"], None,
+            f"imagine_{best}_torch_loop_in_turns / env_steps_in_turns: the ratio without fused_rollout.cpp")
     ratios["imagined_per_emulator_step_apart"] = ratio(results[f"imagine_{best}"], results["env_steps"], None,
                                                        f"imagine_{best} / env_steps (measured minutes apart)")
     ratios["imagined_per_emulator_step_per_core"] = {

@@ -12,10 +12,11 @@ from conftest import load_script, run_script
 MEASUREMENTS = ("env_steps", "collect_original", "collect_1_worker", "collect_2_workers", "train_faithful",
                 "train_default", "train_faithful_original", "imagine_faithful", "imagine_default", "imagine_original",
                 "decode_faithful", "decode_default", "env_steps_in_turns", "imagine_default_in_turns",
-                "imagine_default_matmuls_in_turns")
+                "imagine_default_matmuls_in_turns", "imagine_default_torch_loop", "imagine_default_torch_loop_in_turns")
 RATIOS = ("collector_vs_original_per_worker", "workers_2_vs_1", "train_faithful_vs_original",
           "imagine_default_vs_original", "imagined_per_emulator_step", "imagined_per_emulator_step_per_core",
-          "imagined_per_emulator_step_apart", "imagined_per_emulator_step_matmul_ceiling")
+          "imagined_per_emulator_step_apart", "imagined_per_emulator_step_matmul_ceiling",
+          "imagine_default_fused_vs_torch_loop", "imagined_per_emulator_step_torch_loop")
 
 
 def finite_numbers(value, where):
@@ -63,6 +64,15 @@ def test_quick_benchmark_reports_every_field(tmp_path, cartridge_rom):
     assert ceiling["config"]["gmac_per_s"] == pytest.approx(ceiling["value"] * ceiling["config"]["multiply_adds_per_step"] / 1e9)
     assert report["ratios"]["imagined_per_emulator_step_matmul_ceiling"]["value"] == pytest.approx(
         ceiling["value"] / report["results"]["env_steps_in_turns"]["value"])
+    # the default preset's greedy rollouts run fused_rollout.cpp's loop, in turns with torch's loop
+    results = report["results"]
+    assert results["imagine_default"]["config"]["fused"] and not results["imagine_faithful"]["config"]["fused"]
+    assert not results["imagine_default_torch_loop"]["config"]["fused"] and turns["config"]["fused"]
+    assert "torch_loop" in results["imagine_default"]["config"]["interleaved_with"]
+    assert report["ratios"]["imagine_default_fused_vs_torch_loop"]["value"] == pytest.approx(
+        results["imagine_default"]["value"] / results["imagine_default_torch_loop"]["value"])
+    assert report["ratios"]["imagined_per_emulator_step_torch_loop"]["value"] == pytest.approx(
+        results["imagine_default_torch_loop_in_turns"]["value"] / results["env_steps_in_turns"]["value"])
     before = report["results"]["imagine_default_at_HEAD"]  # models.py as committed, in turns with the tree's
     assert before["config"]["interleaved_with"] == ["imagination.imagine (inference mode)"]
     assert "at_HEAD" in report["results"]["imagine_default"]["config"]["interleaved_with"]
@@ -89,7 +99,8 @@ def test_imagination_measures_the_model_it_is_given_and_its_variants_in_turns():
     dense = benchmark.measure_imagination(overrides={"gru_blocks": 1}, **size)
     assert dense["config"]["gru_blocks"] == 1 and dense["config"]["preset"] == "default" and dense["value"] > 0
     every = benchmark.measure_imagination(variants=benchmark.IMAGINATION_VARIANTS, **size)
-    assert every["config"]["gru_blocks"] == 8 and every["config"]["interleaved_with"] == ["dense_gru", "linear_prior"]
+    assert every["config"]["gru_blocks"] == 8
+    assert every["config"]["interleaved_with"] == ["torch_loop", "dense_gru", "linear_prior"]
     every.update(peak_rss_mb=1.0, seconds=1.0)  # what isolated() adds
     for name, fields in benchmark.IMAGINATION_VARIANTS.items():
         variant = benchmark.paired(every, name, name, **fields)
@@ -100,9 +111,13 @@ def test_imagination_measures_the_model_it_is_given_and_its_variants_in_turns():
                                                ("tiny", {})])
 def test_matmul_ceiling_runs_the_matrix_products_of_a_rollout_step(preset, overrides):
     """rollout_matmuls: per latent step as many multiply-adds as RSSM.greedy_rollout's own matrix products (torch's
-    FLOP counter: a rollout one step longer costs 2 x batch x macs FLOPs more), for each kind of GRU."""
+    FLOP counter: a rollout one step longer costs 2 x batch x macs FLOPs more), for each kind of GRU. The torch
+    loop's (the counter sees ATen's products, not fused_rollout.cpp's calls into MKL; that loop multiplies the same
+    matrices)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
+
+    import fused_rollout
 
     benchmark = load_script("benchmark")
     wm = benchmark._world_model(torch, preset, (144, 160), overrides=overrides).eval()
@@ -110,7 +125,7 @@ def test_matmul_ceiling_runs_the_matrix_products_of_a_rollout_step(preset, overr
     loop, macs = benchmark.rollout_matmuls(torch, wm, batch, horizon=3)
 
     def flops(function):
-        with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        with torch.inference_mode(), fused_rollout.off(), FlopCounterMode(display=False) as counter:
             function()
         return counter.get_total_flops()
 
@@ -131,7 +146,7 @@ def test_against_another_models_file_times_it_in_turns_or_says_it_differs(tmp_pa
     same = tmp_path / "models_same.py"
     same.write_text((benchmark.REPO / "models.py").read_text())
     both = benchmark.measure_imagination(against=("at_same", str(same)), **size)
-    assert both["at_same"] > 0 and both["config"]["interleaved_with"] == ["at_same"]
+    assert both["at_same"] > 0 and both["config"]["interleaved_with"] == ["torch_loop", "at_same"]
     dense = tmp_path / "models_dense.py"
     text = same.read_text()
     assert "gru_blocks=8, kl_rep=0.5" in text

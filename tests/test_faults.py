@@ -469,7 +469,9 @@ def rss_per_chunk(command: list, out: Path, timeout: float = 600) -> list:
 
 
 def test_worker_memory_is_flat_from_chunk_to_chunk(tmp_path, cartridge_rom, start_state_file):
-    """4 chunks of 150 native steps, one worker: RSS after chunks 2..4 within 10% of after chunk 1.
+    """4 chunks of 150 native steps, one worker: RSS after chunk 3 within 5% of after chunk 2 (a leak grows with
+    every chunk), and neither more than 25% over chunk 1's (the second chunk may make one-time buffers: ~10 MiB
+    of ~97 were seen in session 21, 10.0% over chunk 1's, on the commit before and after that session's change).
     (The 20,000-step measurement in the report uses the same function; see tests/test_faults.py.)"""
     out = tmp_path / "data"
     command = [sys.executable, str(REPO / "scripts" / "collect_data.py"), "--rom", str(cartridge_rom),
@@ -477,10 +479,10 @@ def test_worker_memory_is_flat_from_chunk_to_chunk(tmp_path, cartridge_rom, star
                "--save-state", str(start_state_file), "--policy", "random"]
     records = rss_per_chunk(command, out)
     assert len(records) >= 3, records
-    first = records[0]
-    for record in records[1:-1]:  # the last chunk may be seen after the worker began to exit
-        for pid, mib in record.items():
-            assert mib <= 1.10 * first[pid], (records, "RSS grew by more than 10% after the first chunk")
+    first, second, third = records[:3]  # the last chunk may be seen after the worker began to exit
+    for pid in first:
+        assert max(second[pid], third[pid]) <= 1.25 * first[pid], (records, "RSS grew by 25% after the first chunk")
+        assert third[pid] <= 1.05 * second[pid], (records, "RSS grew from the second chunk to the third")
 
 
 if __name__ == "__main__":  # the long memory measurement: python tests/test_faults.py STEPS WORKERS OUT_DIR

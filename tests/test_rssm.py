@@ -1,5 +1,6 @@
 """v2 world model: the tricky maths against plain loops, the faithful preset's size, checkpoints,
 and real tiny runs of every v2 script (train, DDP, kill-and-resume, evaluation, demo video)."""
+import contextlib
 import json
 import math
 import os
@@ -377,18 +378,26 @@ def test_reprojected_imagination_feeds_back_the_posterior_of_its_own_decoded_fra
             imagination.imagine(wm, (h, z), actions, keep_map=True)
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("preset, overrides, tie", [
     ("default", {}, False), ("default", {"gru_blocks": 1}, False), ("default", {}, True),
     ("default", {"prior_layers": 0}, False), ("default", {"prior_layers": 2}, False),
     ("pixels", {"gru_blocks": 1}, False), ("faithful", {}, False), ("tiny", {}, False)])
-def test_greedy_rollout_equals_the_plain_prior_loop(preset, overrides, tie):
+def test_greedy_rollout_equals_the_plain_prior_loop(preset, overrides, tie, fused):
+    """RSSM.greedy_rollout, in fused_rollout.cpp's loop (every preset but faithful) and in torch's, against
+    img_step in a loop."""
+    import fused_rollout
+
     torch.manual_seed(0)
     wm = WorldModel(RSSMConfig.from_preset(preset, **overrides)).eval()
     if tie:  # every class of every latent ties: the most likely is the first, as argmax says
         torch.nn.init.zeros_(wm.rssm.prior_net[-1].weight), torch.nn.init.zeros_(wm.rssm.prior_net[-1].bias)
     h, z = torch.randn(5, wm.cfg.deter), torch.rand(5, wm.cfg.stoch * wm.cfg.classes)  # a soft start z
     actions = torch.randint(0, 8, (5, 7))
-    fast = imagination.imagine(wm, (h, z), actions)
+    with torch.inference_mode():
+        assert fused_rollout.supported(wm.rssm, h) == (preset != "faithful")  # built here, or this fails
+    with contextlib.nullcontext() if fused else fused_rollout.off():
+        fast = imagination.imagine(wm, (h, z), actions)
     hs, zs = [], []
     with torch.inference_mode():
         for t in range(actions.shape[1]):
@@ -396,6 +405,52 @@ def test_greedy_rollout_equals_the_plain_prior_loop(preset, overrides, tie):
             hs.append(h), zs.append(z)
     torch.testing.assert_close(fast["h"], torch.stack(hs, 1), rtol=1e-5, atol=1e-5)
     assert torch.equal(fast["z"], torch.stack(zs, 1))
+
+
+def test_fused_rollout_equals_torch_loop_over_tiles_starts_threads_and_new_weights():
+    """fused_rollout.cpp on a batch of two whole 128-row tiles (MKL's packed products) and a partial one, from a
+    soft start z (a product), a one-hot one and zeros (sums of table rows), on 1 and 2 threads; after an in-place
+    change of the weights it reads the new ones (its prepared copies are remade); an action out of range is refused."""
+    import fused_rollout
+
+    torch.manual_seed(0)
+    wm = WorldModel(RSSMConfig.from_preset("default")).eval()
+    cfg, batch = wm.cfg, 300
+    soft = torch.rand(batch, cfg.stoch * cfg.classes)
+    one_hot = torch.nn.functional.one_hot(torch.randint(0, cfg.classes, (batch, cfg.stoch)), cfg.classes).flatten(1)
+    h, actions = torch.randn(batch, cfg.deter), torch.randint(0, 8, (batch, 6))
+    threads = torch.get_num_threads()
+
+    def both(z):
+        with torch.inference_mode():
+            fast = wm.rssm.greedy_rollout(h, z.float(), actions)
+            with fused_rollout.off():
+                plain = wm.rssm.greedy_rollout(h, z.float(), actions)
+        torch.testing.assert_close(fast[..., :cfg.deter], plain[..., :cfg.deter], rtol=1e-5, atol=1e-5)
+        assert torch.equal(fast[..., cfg.deter:], plain[..., cfg.deter:])
+        return fast
+
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            for z in (soft, one_hot, torch.zeros_like(soft)):
+                both(z)
+    finally:
+        torch.set_num_threads(threads)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="outside the input table"):
+        wm.rssm.greedy_rollout(h, soft, actions + cfg.num_actions)
+    before = both(one_hot)
+    with torch.no_grad():
+        wm.rssm.prior_net[-1].weight.mul_(-1.0)  # in place: the parameter's version moves on
+    assert not torch.equal(both(one_hot)[..., cfg.deter:], before[..., cfg.deter:])
+
+
+def test_fused_rollout_that_cannot_be_built_warns_once_and_leaves_the_torch_loop():
+    """A build the compiler refuses (here: a flag it does not know) is None and one warning line quoting it."""
+    import fused_rollout
+
+    with pytest.warns(UserWarning, match="fused rollout not built .*no-such-flag.*torch loop"):
+        assert fused_rollout.build(("-fno-such-flag",)) is None
 
 
 # --- tile tokens ----------------------------------------------------------------------------

@@ -1,0 +1,117 @@
+"""The greedy prior rollout compiled: fused_rollout.cpp, built with the machine's C++ compiler on first use.
+
+`models.RSSM.greedy_rollout` calls `rollout` where `supported` says the model and tensors fit (CPU, float32, no
+gradients, a LayerNorm GRU with LayerNorm + SiLU MLPs: the default, pixels and tiny presets) and keeps its torch
+loop elsewhere (the faithful preset, CUDA, bfloat16). The first use builds the extension (~30 s; g++ and
+Python's headers, which torch's CPU build needs) into torch's extension cache (~/.cache/torch_extensions, or
+$TORCH_EXTENSIONS_DIR), one build per CPU kind (it is compiled for the CPU it runs on). Where the build fails,
+one warning line and the torch loop. POKEDREAMER_FUSED=0 in the environment, or `with fused_rollout.off():`,
+keeps the torch loop (benchmark.py times the two in turns).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import os
+import platform
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("fused_rollout.cpp")
+FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
+_off = [False]  # `off()` sets it
+
+
+def enabled() -> bool:
+    return not _off[0] and os.environ.get("POKEDREAMER_FUSED", "1") != "0"
+
+
+@contextlib.contextmanager
+def off():
+    """Inside: greedy rollouts take the torch loop."""
+    before, _off[0] = _off[0], True
+    try:
+        yield
+    finally:
+        _off[0] = before
+
+
+def _cpu_key() -> str:
+    """8 hex digits naming this CPU's kind (its feature flags): a build made with -march=native elsewhere is not
+    loaded here."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = platform.machine() + platform.processor()
+    return hashlib.sha1(flags.encode()).hexdigest()[:8]
+
+
+@functools.cache
+def build(flags: tuple = tuple(FLAGS)):
+    """The compiled extension (built on first call, then loaded from torch's cache), or None with one warning line
+    where it cannot be built. Named by the CPU kind and the flags, so that each build keeps its own folder."""
+    try:
+        from torch.utils import cpp_extension
+
+        key = hashlib.sha1(" ".join(flags).encode()).hexdigest()[:6]
+        name = f"pokedreamer_fused_rollout_{_cpu_key()}_{key}"
+        lock = Path(cpp_extension._get_build_directory(name, verbose=False)) / "lock"
+        if lock.exists() and time.time() - lock.stat().st_mtime > 600:  # left by a build that was killed
+            lock.unlink(missing_ok=True)
+        return cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=list(flags),
+                                  extra_ldflags=["-fopenmp"])
+    except Exception as error:  # no compiler or headers: the torch loop does the same, slower
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+        why = next((line for line in lines if "error:" in line), lines[0])  # the compiler's own words
+        warnings.warn(f"fused rollout not built ({why[:200]}); imagination uses the torch loop", stacklevel=2)
+        return None
+
+
+def _extension():
+    return build(tuple(FLAGS))
+
+
+def supported(rssm, h: torch.Tensor) -> bool:
+    """Whether `rollout` can run this RSSM on h: float32 on the CPU, no gradients, the layer kinds it knows."""
+    cfg = rssm.cfg
+    return (enabled() and h.device.type == "cpu" and h.dtype == torch.float32 and not torch.is_grad_enabled()
+            and cfg.gru == "layernorm" and cfg.mlp_norm == "layer" and cfg.mlp_act == "silu"
+            and _extension() is not None)
+
+
+def _weights(rssm) -> tuple:
+    """The RSSM's weights as fused_rollout.cpp reads them: contiguous float32, detached (the C++ loop's threads
+    have grad mode on), each layer (in, out), the prior's outputs class-major. Kept on the RSSM until a parameter
+    changes (each in-place update bumps its version), so that a rollout does not remake them."""
+    key = tuple((id(p), p._version) for p in rssm.parameters())
+    cached = getattr(rssm, "_fused_weights", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    cfg, cell, in_norm = rssm.cfg, rssm.cell, rssm.img_in[1]
+    table, in_bias = rssm._input_table()  # (S C + A, X), (X)
+    block_weight = cell.linear.weight.t().unsqueeze(0) if cell.blocks == 1 else cell.block_weight  # dense: 1 block
+    layers = [m for m in rssm.prior_net if isinstance(m, torch.nn.Linear)]
+    norms = [m for m in rssm.prior_net if isinstance(m, torch.nn.LayerNorm)]
+    eps = {m.eps for m in (in_norm, cell.norm, *norms)}
+    assert len(eps) == 1, "the fused loop takes one LayerNorm eps"
+    weights, biases = [m.weight.t() for m in layers], [m.bias for m in layers]  # each (in, out)
+    class_major = torch.arange(cfg.stoch * cfg.classes).view(cfg.stoch, cfg.classes).t().flatten()
+    weights[-1], biases[-1] = weights[-1][:, class_major], biases[-1][class_major]  # outputs (C, S)
+    ready = lambda t: t.detach().float().contiguous()  # noqa: E731
+    with torch.no_grad():
+        prepared = (ready(table), ready(in_bias), ready(in_norm.weight), ready(in_norm.bias), ready(block_weight),
+                    ready(cell.norm.weight), ready(cell.norm.bias), [ready(w) for w in weights],
+                    [ready(b) for b in biases], [ready(m.weight) for m in norms], [ready(m.bias) for m in norms],
+                    cfg.stoch, cfg.classes, eps.pop())
+    rssm._fused_weights = (key, prepared)
+    return prepared
+
+
+def rollout(rssm, h, z, actions) -> torch.Tensor:
+    """`RSSM.greedy_rollout` (same arguments, same features to float tolerance) in fused_rollout.cpp's loop."""
+    start = (t.detach().float().contiguous() for t in (h, z))
+    return _extension().greedy_rollout(*start, actions.long().contiguous(), *_weights(rssm))
