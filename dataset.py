@@ -39,6 +39,9 @@ CHUNK_FIELDS = {
 CHUNK_GLOB = "transitions_*.npz"
 COMPRESS_LEVEL = 3    # zlib level of the chunks (see write_npz)
 READ_BLOCK = 1 << 20  # frames are streamed into place 1 MiB at a time: no second copy
+# what reading a damaged chunk raises (zipfile: NotImplementedError for a header claiming a version or method it
+# does not know, as one flipped bit can make it)
+UNREADABLE = (OSError, ValueError, zipfile.BadZipFile, EOFError, zlib.error, NotImplementedError)
 
 
 def chunk_name(number: int) -> str:
@@ -227,7 +230,7 @@ class PokemonDataset:
     def _open(self, path):
         try:
             return np.load(path, allow_pickle=False)
-        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
+        except UNREADABLE as err:
             raise UserError(f"chunk {path} is not a readable NPZ file ({err}); delete it or recollect") from None
 
     def _check_file(self, path) -> int:
@@ -253,7 +256,7 @@ class PokemonDataset:
                         rows = shape[0]
                     elif shape[0] != rows:
                         raise UserError(f"chunk {path}: '{key}' has {shape[0]} rows, 'obs' has {rows}")
-        except (OSError, ValueError, zipfile.BadZipFile, EOFError, KeyError, zlib.error) as err:
+        except (*UNREADABLE, KeyError) as err:
             raise UserError(f"chunk {path} is corrupt ({err}); delete it or recollect") from None
         if rows == 0:
             raise UserError(f"chunk {path} has no rows; delete it")
@@ -267,7 +270,7 @@ class PokemonDataset:
                 for key in CHUNK_FIELDS:
                     if key != "obs":
                         self.arrays[key][begin:end] = npz[key]
-        except (OSError, ValueError, zipfile.BadZipFile, EOFError, zlib.error) as err:
+        except UNREADABLE as err:
             raise UserError(f"chunk {path} is corrupt ({err}); delete it or recollect") from None
 
     def _windows(self) -> np.ndarray:

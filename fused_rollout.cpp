@@ -1,7 +1,8 @@
 // The greedy prior rollout (models.RSSM.greedy_rollout) as one C++ loop, CPU and float32 only.
 //
-// The batch is cut in tiles of kTile rows; each thread rolls its tiles through the whole horizon on its own, its
-// matrix products single-threaded (ATen's, so MKL's in torch's x86 build), and between two products one pass over
+// The batch is cut in tiles of `tile` rows; each thread rolls its tiles through the whole horizon on its own, its
+// matrix products single-threaded (the prior's through oneDNN with weights packed once, the GRU's through ATen, so
+// MKL in torch's x86 build: the faster of the two for each, measured), and between two products one pass over
 // each row does all the rest: the input table's sums, biases, norms, activations, GRU gates, the most likely
 // classes. No thread waits for another until the end, and a tile's buffers stay in its core's cache. Built on
 // first use by fused_rollout.py; the same states as the torch loop to float tolerance (tests/test_rssm.py).
@@ -17,8 +18,6 @@
 #endif
 
 namespace {
-
-constexpr int64_t kTile = 128;  // batch rows a thread rolls out together
 
 // 16 floats as one vector (GCC / Clang vector extensions: one AVX-512 register, or two AVX2 ones)
 typedef float Vec16 __attribute__((vector_size(64)));
@@ -55,8 +54,23 @@ inline Vec16 exp16(Vec16 x) {
   return p * scale;
 }
 
-inline Vec16 sigmoid16(Vec16 v) { return 1.0f / (1.0f + exp16(-v)); }
-inline Vec16 tanh16(Vec16 v) { return 1.0f - 2.0f / (1.0f + exp16(2.0f * clamp16(v, -20.0f, 20.0f))); }
+// 1 / d of 16 floats: AVX-512's 14-bit estimate and one Newton step (~1 ulp) where the CPU has it, else a division
+inline Vec16 recip16(Vec16 d) {
+#ifdef __AVX512F__
+  __m512 dv;
+  __builtin_memcpy(&dv, &d, sizeof d);
+  const __m512 r = _mm512_rcp14_ps(dv);
+  const __m512 better = _mm512_mul_ps(r, _mm512_fnmadd_ps(dv, r, _mm512_set1_ps(2.0f)));
+  Vec16 out;
+  __builtin_memcpy(&out, &better, sizeof out);
+  return out;
+#else
+  return 1.0f / d;
+#endif
+}
+
+inline Vec16 sigmoid16(Vec16 v) { return recip16(1.0f + exp16(-v)); }
+inline Vec16 tanh16(Vec16 v) { return 1.0f - 2.0f * recip16(1.0f + exp16(2.0f * clamp16(v, -20.0f, 20.0f))); }
 
 // exp's argument is clamped so that -ffast-math's finite-only arithmetic never meets an infinity
 inline float sigmoid(float v) { return 1.0f / (1.0f + std::exp(-std::min(std::max(v, -80.0f), 80.0f))); }
@@ -163,11 +177,29 @@ void check(bool ok, const char* what) { TORCH_CHECK(ok, "fused greedy rollout: "
 struct Product {
   const float* b;
   int64_t k, n;
+  at::Tensor packed;  // oneDNN's copy of b for products of a whole tile (mkldnn::_reorder_linear_weight), or none
 
   void operator()(const float* a, int64_t m, int64_t lda, float* c, int64_t ldc) const {
     at::Tensor out = at::from_blob(c, {m, n}, {ldc, 1}, at::kFloat);
     at::mm_out(out, at::from_blob(const_cast<float*>(a), {m, k}, {lda, 1}, at::kFloat),
                at::from_blob(const_cast<float*>(b), {k, n}, at::kFloat));
+  }
+
+  // a (m, k) contiguous -> (m, n) contiguous: oneDNN's product with the packed weight for a whole tile (faster
+  // than MKL's for the prior's layers on the project's CPU, session 21), else MKL's / ATen's into out
+  at::Tensor operator()(const at::Tensor& a, const at::Tensor& out, int64_t tile) const {
+    if (packed.defined() && a.size(0) == tile) {
+      static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
+      torch::jit::Stack stack{a, packed, c10::IValue(), std::string("none"), c10::List<std::optional<at::Scalar>>(),
+                              c10::IValue()};
+      op.callBoxed(&stack);
+      at::Tensor product = stack[0].toTensor();
+      check(product.is_contiguous() && product.size(0) == a.size(0) && product.size(1) == n,
+            "oneDNN's product has another layout");
+      return product;
+    }
+    (*this)(a.data_ptr<float>(), a.size(0), k, out.data_ptr<float>(), n);
+    return out;
   }
 };
 
@@ -177,7 +209,7 @@ struct Weights {
   const float *in_bias, *in_gain, *in_shift;  // (X)
   const float *gru_gain, *gru_shift;  // (3 D)
   std::vector<const float*> prior_biases, prior_gains, prior_shifts;  // the last bias class-major (C, S)
-  int64_t deter, width, groups, stoch, classes;
+  int64_t deter, width, groups, stoch, classes, tile;
   float eps;
   const Product* first;  // soft z (B, S C) @ the table's z rows: the first step's input layer
   std::vector<Product> gru;  // one per block: [x, h] slices (k) -> its gates (3 D / G)
@@ -192,16 +224,18 @@ void roll_tile(const Weights& w, const float* h0, const float* z0, const int64_t
   const int64_t x_part = width / groups, h_part = deter / groups, k = x_part + h_part, g_out = 3 * h_part;
   std::vector<float> xh(groups * n * k);  // (G, n, k): each block's [x slice, h slice]
   std::vector<float> gates(groups * n * g_out);  // (G, n, 3 D / G)
-  std::vector<float> h(n * deter);  // (n, D), read by the prior's first layer
-  std::vector<std::vector<float>> hidden;  // the prior's layer outputs, each (n, out)
-  for (const auto& layer : w.prior) hidden.emplace_back(n * layer.n);
+  const auto options = at::TensorOptions().dtype(at::kFloat);
+  at::Tensor h_t = at::empty({n, deter}, options);  // read by the prior's first layer
+  float* h_p = h_t.data_ptr<float>();
+  std::vector<at::Tensor> hidden;  // the prior's layer outputs, each (n, out)
+  for (const auto& layer : w.prior) hidden.push_back(at::empty({n, layer.n}, options));
   std::vector<int64_t> rows(n * (stoch + 1));  // each latent's row in the input table, then the action's
   std::vector<float> x(n * width), best(stoch), onehot(latent);
   const bool streamed = reinterpret_cast<uintptr_t>(feat) % 64 == 0 && deter % 16 == 0 && latent % 16 == 0;
-  std::copy(h0 + begin * deter, h0 + end * deter, h.data());
+  std::copy(h0 + begin * deter, h0 + end * deter, h_p);
   for (int64_t b = 0; b < n; ++b)
     for (int64_t g = 0; g < groups; ++g)
-      std::copy_n(h.data() + b * deter + g * h_part, h_part, xh.data() + (g * n + b) * k + x_part);
+      std::copy_n(h_p + b * deter + g * h_part, h_part, xh.data() + (g * n + b) * k + x_part);
   // the first step's z part of the input layer: z0 @ the table's z rows; a start z with at most S non-zeros per row
   // (one-hot, or zeros) as the sum of those rows times their values, a soft one as a product
   const float* z = z0 + begin * latent;
@@ -247,23 +281,21 @@ void roll_tile(const Weights& w, const float* h0, const float* z0, const int64_t
       const float inv = 1.0f / std::sqrt(squares / (groups * g_out) + w.eps);
       for (int64_t g = 0; g < groups; ++g)
         gru_units(gates.data() + (g * n + b) * g_out, mean, inv, w.gru_gain + g * g_out, w.gru_shift + g * g_out,
-                  xh.data() + (g * n + b) * k + x_part, h.data() + b * deter + g * h_part, h_part);
+                  xh.data() + (g * n + b) * k + x_part, h_p + b * deter + g * h_part, h_part);
     }
     // the prior MLP on h: each hidden layer's bias, norm and SiLU row by row after its product
-    const float* in = h.data();
-    int64_t in_width = deter;
+    at::Tensor in = h_t;
     for (size_t l = 0; l < w.prior.size(); ++l) {
-      float* out = hidden[l].data();
-      w.prior[l](in, n, in_width, out, w.prior[l].n);
+      in = w.prior[l](in, hidden[l], w.tile);
       if (l + 1 < w.prior.size())
         for (int64_t b = 0; b < n; ++b)
-          norm(out + b * w.prior[l].n, w.prior[l].n, w.prior_biases[l], w.prior_gains[l], w.prior_shifts[l], w.eps,
-               true);
-      in = out, in_width = w.prior[l].n;
+          norm(in.data_ptr<float>() + b * w.prior[l].n, w.prior[l].n, w.prior_biases[l], w.prior_gains[l],
+               w.prior_shifts[l], w.eps, true);
     }
+    const float* logits = in.data_ptr<float>();
     // h and the one-hot of each latent's most likely class into the features
     for (int64_t b = 0; b < n; ++b) {
-      most_likely(in + b * latent, w.prior_biases.back(), stoch, classes, best.data());
+      most_likely(logits + b * latent, w.prior_biases.back(), stoch, classes, best.data());
       std::fill(onehot.begin(), onehot.end(), 0.0f);
       int64_t* r = rows.data() + b * (stoch + 1);
       for (int64_t s = 0; s < stoch; ++s) {
@@ -273,9 +305,9 @@ void roll_tile(const Weights& w, const float* h0, const float* z0, const int64_t
       }
       float* f = feat + ((begin + b) * horizon + t) * (deter + latent);
       if (streamed) {
-        write_out(f, h.data() + b * deter, deter), write_out(f + deter, onehot.data(), latent);
+        write_out(f, h_p + b * deter, deter), write_out(f + deter, onehot.data(), latent);
       } else {
-        std::copy_n(h.data() + b * deter, deter, f), std::copy_n(onehot.data(), latent, f + deter);
+        std::copy_n(h_p + b * deter, deter, f), std::copy_n(onehot.data(), latent, f + deter);
       }
     }
   }
@@ -303,7 +335,8 @@ at::Tensor greedy_rollout(const at::Tensor& h0, const at::Tensor& z0, const at::
                           const at::Tensor& in_shift, const at::Tensor& block_weight, const at::Tensor& gru_gain,
                           const at::Tensor& gru_shift, const std::vector<at::Tensor>& prior_weights,
                           const std::vector<at::Tensor>& prior_biases, const std::vector<at::Tensor>& prior_gains,
-                          const std::vector<at::Tensor>& prior_shifts, int64_t stoch, int64_t classes, double eps) {
+                          const std::vector<at::Tensor>& prior_shifts, const std::vector<at::Tensor>& prior_packed,
+                          int64_t stoch, int64_t classes, double eps, int64_t tile) {
   check(actions.scalar_type() == at::kLong && actions.dim() == 2 && actions.is_contiguous(),
         "actions must be contiguous (B, H) int64");
   check(!prior_weights.empty() && prior_weights.size() == prior_biases.size() &&
@@ -321,15 +354,16 @@ at::Tensor greedy_rollout(const at::Tensor& h0, const at::Tensor& z0, const at::
             (actions.min().item<int64_t>() >= 0 && actions.max().item<int64_t>() < num_actions),
         "an action is outside the input table's rows");
   const float* table_p = floats(table, "table");
-  const Product first{table_p, latent, width};
+  const Product first{table_p, latent, width, at::Tensor()};
   Weights w{table_p, floats(in_bias, "in_bias"), floats(in_gain, "in_gain"), floats(in_shift, "in_shift"),
             floats(gru_gain, "gru_gain"), floats(gru_shift, "gru_shift"), {}, {}, {}, deter, width, groups, stoch,
-            classes, static_cast<float>(eps), &first, {}, {}};
+            classes, tile, static_cast<float>(eps), &first, {}, {}};
   const float* block_p = floats(block_weight, "block_weight");
   const int64_t k = block_weight.size(1), g_out = block_weight.size(2);
-  for (int64_t g = 0; g < groups; ++g) w.gru.push_back({block_p + g * k * g_out, k, g_out});
+  for (int64_t g = 0; g < groups; ++g) w.gru.push_back({block_p + g * k * g_out, k, g_out, at::Tensor()});
   for (size_t l = 0; l < prior_weights.size(); ++l) {
-    w.prior.push_back({floats(prior_weights[l], "prior weight"), prior_weights[l].size(0), prior_weights[l].size(1)});
+    w.prior.push_back({floats(prior_weights[l], "prior weight"), prior_weights[l].size(0), prior_weights[l].size(1),
+                       l < prior_packed.size() ? prior_packed[l] : at::Tensor()});
     w.prior_biases.push_back(floats(prior_biases[l], "prior bias"));
     if (l < prior_gains.size()) {
       w.prior_gains.push_back(floats(prior_gains[l], "prior norm"));
@@ -340,11 +374,12 @@ at::Tensor greedy_rollout(const at::Tensor& h0, const at::Tensor& z0, const at::
   const float *h0_p = floats(h0, "h"), *z0_p = floats(z0, "z");
   const int64_t* act_p = actions.data_ptr<int64_t>();
   float* feat_p = feat.data_ptr<float>();
-  const int64_t tiles = (batch + kTile - 1) / kTile;
+  check(tile > 0, "tile must be positive");
+  const int64_t tiles = (batch + tile - 1) / tile;
   at::parallel_for(0, tiles, 1, [&](int64_t first_tile, int64_t last_tile) {
     c10::InferenceMode no_autograd;  // grad mode is per thread: the workers' own is on
-    for (int64_t tile = first_tile; tile < last_tile; ++tile)
-      roll_tile(w, h0_p, z0_p, act_p, horizon, feat_p, tile * kTile, std::min(batch, (tile + 1) * kTile));
+    for (int64_t index = first_tile; index < last_tile; ++index)
+      roll_tile(w, h0_p, z0_p, act_p, horizon, feat_p, index * tile, std::min(batch, (index + 1) * tile));
   });
   return feat;
 }

@@ -24,6 +24,8 @@ import torch
 SOURCE = Path(__file__).with_name("fused_rollout.cpp")
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
 _off = [False]  # `off()` sets it
+TILE = 256  # batch rows a thread rolls out on its own: the fastest of 128, 256 and 512 at batch 1024 (session 21)
+ONEDNN = True  # the prior's products of whole tiles through oneDNN (False: through ATen / MKL, as the GRU's)
 
 
 def enabled() -> bool:
@@ -85,9 +87,10 @@ def supported(rssm, h: torch.Tensor) -> bool:
 
 def _weights(rssm) -> tuple:
     """The RSSM's weights as fused_rollout.cpp reads them: contiguous float32, detached (the C++ loop's threads
-    have grad mode on), each layer (in, out), the prior's outputs class-major. Kept on the RSSM until a parameter
+    have grad mode on), each layer (in, out), the prior's outputs class-major, the prior's layers also in oneDNN's
+    packed layout. Kept on the RSSM until a parameter
     changes (each in-place update bumps its version), so that a rollout does not remake them."""
-    key = tuple((id(p), p._version) for p in rssm.parameters())
+    key = (TILE, ONEDNN, *((id(p), p._version) for p in rssm.parameters()))
     cached = getattr(rssm, "_fused_weights", None)
     if cached is not None and cached[0] == key:
         return cached[1]
@@ -103,10 +106,16 @@ def _weights(rssm) -> tuple:
     weights[-1], biases[-1] = weights[-1][:, class_major], biases[-1][class_major]  # outputs (C, S)
     ready = lambda t: t.detach().float().contiguous()  # noqa: E731
     with torch.no_grad():
+        weights = [ready(w) for w in weights]
+        try:  # oneDNN's layout of each prior layer for whole tiles: its products are faster than MKL's there
+            reorder = torch.ops.mkldnn._reorder_linear_weight
+            packed = [reorder(w.t().contiguous(), TILE) for w in weights] if ONEDNN else []
+        except (AttributeError, RuntimeError, NotImplementedError):  # a torch without oneDNN: MKL's / ATen's alone
+            packed = []
         prepared = (ready(table), ready(in_bias), ready(in_norm.weight), ready(in_norm.bias), ready(block_weight),
-                    ready(cell.norm.weight), ready(cell.norm.bias), [ready(w) for w in weights],
-                    [ready(b) for b in biases], [ready(m.weight) for m in norms], [ready(m.bias) for m in norms],
-                    cfg.stoch, cfg.classes, eps.pop())
+                    ready(cell.norm.weight), ready(cell.norm.bias), weights, [ready(b) for b in biases],
+                    [ready(m.weight) for m in norms], [ready(m.bias) for m in norms], packed, cfg.stoch,
+                    cfg.classes, eps.pop(), TILE)
     rssm._fused_weights = (key, prepared)
     return prepared
 

@@ -391,6 +391,17 @@ def test_dataset_fuzz_only_user_errors(data, tmp_path_factory):
     loads_or_user_error(lambda: PokemonDataset(folder, seq_len=2))
 
 
+def test_a_chunk_claiming_a_zip_version_zipfile_lacks_is_a_user_error(tmp_path):
+    """The fuzz test's find (session 21): one flipped bit in a member's "version needed to extract" (here 10.9)
+    makes zipfile raise NotImplementedError; the loader says which chunk is corrupt instead."""
+    raw = bytearray(GOOD_CHUNK)
+    entry = raw.rfind(b"PK\x01\x02")  # the last central-directory entry
+    raw[entry + 6] = 109  # its version needed to extract
+    (tmp_path / chunk_name(1)).write_bytes(bytes(raw))
+    with pytest.raises(UserError, match=f"chunk .*{chunk_name(1)}.*zip file version 10.9"):
+        PokemonDataset(tmp_path, seq_len=2)
+
+
 @pytest.fixture(scope="module")
 def checkpoint_bytes(rssm_checkpoint) -> bytes:
     return rssm_checkpoint.read_bytes()
