@@ -24,8 +24,9 @@ import torch
 SOURCE = Path(__file__).with_name("fused_rollout.cpp")
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
 _off = [False]  # `off()` sets it
-TILE = 256  # batch rows a thread rolls out on its own: the fastest of 128, 256 and 512 at batch 1024 (session 21)
-ONEDNN = True  # the prior's products of whole tiles through oneDNN (False: through ATen / MKL, as the GRU's)
+# batch rows a thread rolls out on its own: at batch 1024, 256 and 512 alike, 128 ~3% slower (README, session 21)
+TILE = 256
+ONEDNN = True  # the prior's products of whole tiles through oneDNN, ~6% faster than False: ATen's / MKL's, as the GRU's
 
 
 def enabled() -> bool:
