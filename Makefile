@@ -13,7 +13,7 @@ DEMO_EPISODE_LENGTH ?= 500
 DEMO_MINUTES        ?= 20
 DEMO_PRESET         ?= default
 # training precision (RSSMConfig.train_precision): auto = bfloat16 where the CPU or GPU computes it natively, else
-# float32; at batch 16 bfloat16 drifted less at step 50 (3.16 against 3.45 tiles, four seeds against three; README, session 20)
+# float32; at batch 16 bfloat16 drifted less at step 50 (3.02 against 3.45 tiles, five seeds against three; README, session 21)
 DEMO_PRECISION      ?= auto
 # torch CPU threads (0: torch's default; use 1 when other jobs share the cores)
 DEMO_THREADS        ?= 0

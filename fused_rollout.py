@@ -15,6 +15,7 @@ import functools
 import hashlib
 import os
 import platform
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -62,9 +63,12 @@ def build(flags: tuple = tuple(FLAGS)):
 
         key = hashlib.sha1(" ".join(flags).encode()).hexdigest()[:6]
         name = f"pokedreamer_fused_rollout_{_cpu_key()}_{key}"
-        lock = Path(cpp_extension._get_build_directory(name, verbose=False)) / "lock"
+        folder = Path(cpp_extension._get_build_directory(name, verbose=False))
+        lock = folder / "lock"
         if lock.exists() and time.time() - lock.stat().st_mtime > 600:  # left by a build that was killed
             lock.unlink(missing_ok=True)
+        if not any(folder.glob(f"{name}*.so")):
+            print(f"building {SOURCE.name} for this CPU (once, ~30 s; into {folder}) ...", file=sys.stderr, flush=True)
         return cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=list(flags),
                                   extra_ldflags=["-fopenmp"])
     except Exception as error:  # no compiler or headers: the torch loop does the same, slower
@@ -79,18 +83,19 @@ def _extension():
 
 
 def supported(rssm, h: torch.Tensor) -> bool:
-    """Whether `rollout` can run this RSSM on h: float32 on the CPU, no gradients, the layer kinds it knows."""
-    cfg = rssm.cfg
-    return (enabled() and h.device.type == "cpu" and h.dtype == torch.float32 and not torch.is_grad_enabled()
-            and cfg.gru == "layernorm" and cfg.mlp_norm == "layer" and cfg.mlp_act == "silu"
-            and _extension() is not None)
+    """Whether `rollout` can run this RSSM on h: float32 on the CPU (state and weights), no gradients, the layer
+    kinds it knows."""
+    cfg, weight = rssm.cfg, next(rssm.parameters())
+    return (enabled() and h.device.type == weight.device.type == "cpu" and h.dtype == weight.dtype == torch.float32
+            and not torch.is_grad_enabled() and cfg.gru == "layernorm" and cfg.mlp_norm == "layer"
+            and cfg.mlp_act == "silu" and _extension() is not None)
 
 
 def _weights(rssm) -> tuple:
     """The RSSM's weights as fused_rollout.cpp reads them: contiguous float32, detached (the C++ loop's threads
     have grad mode on), each layer (in, out), the prior's outputs class-major, the prior's layers also in oneDNN's
-    packed layout. Kept on the RSSM until a parameter
-    changes (each in-place update bumps its version), so that a rollout does not remake them."""
+    packed layout. Kept on the RSSM until a parameter changes (each in-place update bumps its version), so that a
+    rollout does not remake them."""
     key = (TILE, ONEDNN, *((id(p), p._version) for p in rssm.parameters()))
     cached = getattr(rssm, "_fused_weights", None)
     if cached is not None and cached[0] == key:

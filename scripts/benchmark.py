@@ -805,12 +805,13 @@ def run(args) -> dict:
         dreamer = "default" if "default" in args.presets else args.presets[0]
         record("env_steps_in_turns", measure_dreaming, steps=s["emu_steps"], preset=dreamer, **emu, **imag)
         turns = results["env_steps_in_turns"]
+        torch_turn = ["imagination.imagine in torch's loop"] if "torch_loop" in turns else []  # the fourth turn
         results[f"imagine_{dreamer}_in_turns"] = {
             "value": turns.pop("imagination"), "unit": "latent steps/s", "peak_rss_mb": turns["peak_rss_mb"],
             "minor_page_faults_per_rollout": turns.pop("imagination_faults"),
             "baseline_rss_mb": turns["baseline_rss_mb"], "seconds": turns["seconds"],
             "config": dict(turns["config"]["imagination"], way="imagination.imagine (inference mode), best "
-                           "rollout", interleaved_with=[turns["config"]["way"], "rollout_matmuls"])}
+                           "rollout", interleaved_with=[turns["config"]["way"], "rollout_matmuls", *torch_turn])}
         if "torch_loop" in turns:
             results[f"imagine_{dreamer}_torch_loop_in_turns"] = {
                 "value": turns.pop("torch_loop"), "unit": "latent steps/s", "peak_rss_mb": turns["peak_rss_mb"],
@@ -824,7 +825,7 @@ def run(args) -> dict:
             "baseline_rss_mb": turns["baseline_rss_mb"], "seconds": turns["seconds"],
             "config": dict(turns["config"].pop("imagination"), way="rollout_matmuls: the rollout's matrix products "
                            "alone, best loop", multiply_adds_per_step=macs, gmac_per_s=rate * macs / 1e9,
-                           interleaved_with=[turns["config"]["way"], "imagination.imagine (inference mode)"])}
+                           interleaved_with=[turns["config"]["way"], "imagination.imagine (inference mode)", *torch_turn])}
         for preset in args.presets:
             record(f"decode_{preset}", measure_decoding, preset=preset, frames=s["decode_frames"], threads=threads,
                    image_size=image_size)

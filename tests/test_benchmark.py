@@ -68,6 +68,7 @@ def test_quick_benchmark_reports_every_field(tmp_path, cartridge_rom):
     results = report["results"]
     assert results["imagine_default"]["config"]["fused"] and not results["imagine_faithful"]["config"]["fused"]
     assert not results["imagine_default_torch_loop"]["config"]["fused"] and turns["config"]["fused"]
+    assert "imagination.imagine in torch's loop" in turns["config"]["interleaved_with"]
     assert "torch_loop" in results["imagine_default"]["config"]["interleaved_with"]
     assert report["ratios"]["imagine_default_fused_vs_torch_loop"]["value"] == pytest.approx(
         results["imagine_default"]["value"] / results["imagine_default_torch_loop"]["value"])
