@@ -211,7 +211,7 @@ struct Weights {
   std::vector<const float*> prior_biases, prior_gains, prior_shifts;  // the last bias class-major (C, S)
   int64_t deter, width, groups, stoch, classes, tile;
   float eps;
-  const Product* first;  // soft z (B, S C) @ the table's z rows: the first step's input layer
+  Product first;  // soft z (B, S C) @ the table's z rows: the first step's input layer
   std::vector<Product> gru;  // one per block: [x, h] slices (k) -> its gates (3 D / G)
   std::vector<Product> prior;  // the prior MLP's layers, the last one's outputs class-major
 };
@@ -249,7 +249,7 @@ void roll_tile(const Weights& w, const float* h0, const float* z0, const int64_t
         if (z[b * latent + j] != 0.0f)
           for (int64_t i = 0; i < width; ++i) x[b * width + i] += z[b * latent + j] * w.table[j * width + i];
   } else {
-    (*w.first)(z, n, latent, x.data(), width);
+    w.first(z, n, latent, x.data(), width);
   }
 
   for (int64_t t = 0; t < horizon; ++t) {
@@ -354,10 +354,13 @@ at::Tensor greedy_rollout(const at::Tensor& h0, const at::Tensor& z0, const at::
             (actions.min().item<int64_t>() >= 0 && actions.max().item<int64_t>() < num_actions),
         "an action is outside the input table's rows");
   const float* table_p = floats(table, "table");
-  const Product first{table_p, latent, width, at::Tensor()};
-  Weights w{table_p, floats(in_bias, "in_bias"), floats(in_gain, "in_gain"), floats(in_shift, "in_shift"),
-            floats(gru_gain, "gru_gain"), floats(gru_shift, "gru_shift"), {}, {}, {}, deter, width, groups, stoch,
-            classes, tile, static_cast<float>(eps), &first, {}, {}};
+  Weights w;
+  w.table = table_p, w.first = {table_p, latent, width, at::Tensor()};
+  w.in_bias = floats(in_bias, "in_bias"), w.in_gain = floats(in_gain, "in_gain");
+  w.in_shift = floats(in_shift, "in_shift");
+  w.gru_gain = floats(gru_gain, "gru_gain"), w.gru_shift = floats(gru_shift, "gru_shift");
+  w.deter = deter, w.width = width, w.groups = groups, w.stoch = stoch, w.classes = classes, w.tile = tile;
+  w.eps = static_cast<float>(eps);
   const float* block_p = floats(block_weight, "block_weight");
   const int64_t k = block_weight.size(1), g_out = block_weight.size(2);
   for (int64_t g = 0; g < groups; ++g) w.gru.push_back({block_p + g * k * g_out, k, g_out, at::Tensor()});

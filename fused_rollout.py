@@ -2,7 +2,7 @@
 
 `models.RSSM.greedy_rollout` calls `rollout` where `supported` says the model and tensors fit (CPU, float32, no
 gradients, a LayerNorm GRU with LayerNorm + SiLU MLPs: the default, pixels and tiny presets) and keeps its torch
-loop elsewhere (the faithful preset, CUDA, bfloat16). The first use builds the extension (~30 s; g++ and
+loop elsewhere (the faithful preset, CUDA, bfloat16). The first use builds the extension (~22 s here, README; g++ and
 Python's headers, which torch's CPU build needs) into torch's extension cache (~/.cache/torch_extensions, or
 $TORCH_EXTENSIONS_DIR), one build per CPU kind (it is compiled for the CPU it runs on). Where the build fails,
 one warning line and the torch loop. POKEDREAMER_FUSED=0 in the environment, or `with fused_rollout.off():`,
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("fused_rollout.cpp")
-FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
+FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp")
 _off = [False]  # `off()` sets it
 # batch rows a thread rolls out on its own: at batch 1024, 256 and 512 alike, 128 ~3% slower (README, session 21)
 TILE = 256
@@ -55,7 +55,7 @@ def _cpu_key() -> str:
 
 
 @functools.cache
-def build(flags: tuple = tuple(FLAGS)):
+def build(flags: tuple):
     """The compiled extension (built on first call, then loaded from torch's cache), or None with one warning line
     where it cannot be built. Named by the CPU kind and the flags, so that each build keeps its own folder."""
     try:
@@ -68,7 +68,7 @@ def build(flags: tuple = tuple(FLAGS)):
         if lock.exists() and time.time() - lock.stat().st_mtime > 600:  # left by a build that was killed
             lock.unlink(missing_ok=True)
         if not any(folder.glob(f"{name}*.so")):
-            print(f"building {SOURCE.name} for this CPU (once, ~30 s; into {folder}) ...", file=sys.stderr, flush=True)
+            print(f"building {SOURCE.name} for this CPU (once, ~20 s; into {folder}) ...", file=sys.stderr, flush=True)
         return cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=list(flags),
                                   extra_ldflags=["-fopenmp"])
     except Exception as error:  # no compiler or headers: the torch loop does the same, slower
@@ -79,7 +79,7 @@ def build(flags: tuple = tuple(FLAGS)):
 
 
 def _extension():
-    return build(tuple(FLAGS))
+    return build(FLAGS)
 
 
 def supported(rssm, h: torch.Tensor) -> bool:

@@ -857,7 +857,8 @@ class RSSM(nn.Module):
         sum(class * mark), and the one-hot (class == id) is written straight into the feature tensor, as is
         the GRU's new state. A step where two classes tie exactly (several marks) falls back to argmax, which
         keeps the first. On the CPU in float32 (LayerNorm GRU, LayerNorm + SiLU MLPs) the same loop runs compiled,
-        `fused_rollout` (about 1.5x as fast at batch 1024; benchmark.py times both); this torch loop elsewhere."""
+        `fused_rollout` (faster at batch 1024: benchmark.py times both, README "Performance (session 21)"); this
+        torch loop elsewhere."""
         if fused_rollout.supported(self, h):  # the same loop compiled (fused_rollout.cpp), where it applies
             return fused_rollout.rollout(self, h, z, actions)
         cfg = self.cfg

@@ -573,7 +573,7 @@ def measure_imagination(preset, batch, horizon, repeats, threads, image_size, wi
     rollouts = {"ours": lambda: imagination.imagine(wm, state, actions)}
     fused = _fused(torch, wm, state)
     if fused:  # the same rollout in torch's loop (fused_rollout.off), in turns with the compiled one
-        rollouts["torch_loop"] = lambda: _torch_loop(imagination.imagine, wm, state, actions)
+        rollouts["torch_loop"] = lambda: _torch_loop(wm, state, actions)
     if with_original:
         step = original_prior_step(torch)
         start = (torch.zeros(batch, 512), torch.zeros(batch, 1024))
@@ -613,12 +613,13 @@ def _fused(torch, wm, state) -> bool:
         return fused_rollout.supported(wm.rssm, state[0])
 
 
-def _torch_loop(imagine, *args):
-    """imagine(*args) with the greedy rollout in torch's loop (RSSM.greedy_rollout without fused_rollout.cpp)."""
+def _torch_loop(wm, state, actions):
+    """imagination.imagine with the greedy rollout in torch's loop (RSSM.greedy_rollout without fused_rollout.cpp)."""
     import fused_rollout
+    import imagination
 
     with fused_rollout.off():
-        return imagine(*args)
+        return imagination.imagine(wm, state, actions)
 
 
 def rollout_matmuls(torch, wm, batch: int, horizon: int):
@@ -679,7 +680,7 @@ def measure_dreaming(rom, state_file, steps, episode_length, preset, batch, hori
              "matmuls": matmuls}
     fused = _fused(torch, wm, state)
     if fused:
-        turns["torch_loop"] = lambda: _torch_loop(imagination.imagine, wm, state, actions)
+        turns["torch_loop"] = lambda: _torch_loop(wm, state, actions)
     baseline, best, faults = in_turns(turns, repeats)
     env.close()
     extra = {"torch_loop": batch * horizon / best["torch_loop"]} if fused else {}
