@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import fused_rollout
+import fused
 from tiles import TileCodebook
 
 
@@ -366,6 +366,11 @@ class RSSMConfig:
     # Linear(act(norm(Linear(features) + its own learned vector))) to the features the tile head reads, so that
     # what the features say can land on one cell (a character at any place) without a code per place; 0: off
     decoder_broadcast: int = 0
+    # > 0: this many sprite slots added to the decoder's coarsest grid: each slot is one appearance vector put
+    # at one place, a softmax over the grid's rows times one over its columns, all three linear in the features,
+    # so that a character drawn once can land on any cell (the grid's own linear layer learns each cell apart);
+    # 0: off
+    decoder_slots: int = 0
     # recurrent state-space model
     deter: int = 256  # GRU state size D
     stoch: int = 32  # number of categorical latents
@@ -486,6 +491,8 @@ class RSSMConfig:
         if self.decoder_broadcast < 0 or (self.decoder_broadcast and self.frame_model != "tiles"):
             raise ValueError(f"RSSMConfig.decoder_broadcast={self.decoder_broadcast} must be >= 0, and applies to "
                              "frame_model='tiles' only")
+        if self.decoder_slots < 0:
+            raise ValueError(f"RSSMConfig.decoder_slots={self.decoder_slots} must be >= 0")
         if self.decoder_blocks < 0 or self.decoder_hidden < 0:
             raise ValueError(f"RSSMConfig.decoder_blocks={self.decoder_blocks} and decoder_hidden={self.decoder_hidden} "
                              "must be >= 0")
@@ -557,7 +564,8 @@ _RSSM_PRESET_FIELDS = {
     # drifts less on average). Batch size is train_rssm.py's: 16 windows drift less than 8 (three seeds, session 19).
     # Session 20: at batch 16, bfloat16 drifts less than float32 at step 50 (three seeds), so `make demo` trains with
     # train_precision=auto there; this field stays float32 for other batch sizes. Tried and not adopted (one seed
-    # each, batch 16 in bfloat16 unless said): batch 24, lr 1.5e-3.
+    # each, batch 16 in bfloat16 unless said): batch 24, lr 1.5e-3. Session 21: battle_repeats=4 (one seed).
+    # Session 22 (one seed): 8 sprite slots in the decoder (decoder_slots=8) drift more, reconstruct the same.
     "default": dict(frame_model="tiles", conv_channels=(64, 128), conv_strides=(8, 2), lr=1e-3, overshoot=5,
                     gru_blocks=8, kl_rep=0.5, place_scale=10.0),
     # The same RSSM and heads on RGB pixels (MSE): a stride-4 patch conv then two stride-2 convs down to
@@ -677,6 +685,8 @@ class Decoder(nn.Module):
                                     _ACTIVATIONS[cfg.mlp_act](), nn.Linear(cfg.decoder_hidden, math.prod(grid)))
         else:
             self.fc = nn.Linear(feat, math.prod(grid))
+        # each slot: row logits, column logits, an appearance of the grid's channels (see RSSMConfig.decoder_slots)
+        self.slots = nn.Linear(feat, cfg.decoder_slots * (grid[1] + grid[2] + grid[0])) if cfg.decoder_slots else None
         channels = list(reversed(cfg.conv_channels))  # e.g. 256, 128, 64, 32
         strides = list(reversed(cfg.conv_strides))
         layers = [] if cfg.conv_residual else [_conv_norm(cfg.conv_norm, channels[0]), _ACTIVATIONS[cfg.conv_act]()]
@@ -707,8 +717,19 @@ class Decoder(nn.Module):
         self.channels_last = cfg.channels_last
         self.tiles = cfg.frame_model == "tiles"
 
+    def slot_grid(self, feat):
+        """(N, F) -> (N, C, h, w): every slot's appearance spread over the grid by its row and column softmaxes."""
+        channels, rows, cols = self.grid
+        out = self.slots(feat).view(feat.shape[0], -1, rows + cols + channels)  # (N, K, h + w + C)
+        row, col = out[..., :rows].softmax(-1), out[..., rows:rows + cols].softmax(-1)
+        where = (row[..., :, None] * col[..., None, :]).flatten(2)  # (N, K, h w)
+        spread = torch.bmm(where.transpose(1, 2).to(out.dtype), out[..., rows + cols:])  # (N, h w, C)
+        return spread.transpose(1, 2).view(-1, channels, rows, cols)
+
     def forward(self, feat):
         x = self.fc(feat).view(-1, *self.grid)  # (N, C, h, w)
+        if self.slots is not None:
+            x = x + self.slot_grid(feat)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         x = self.deconvs(x)
@@ -857,10 +878,10 @@ class RSSM(nn.Module):
         sum(class * mark), and the one-hot (class == id) is written straight into the feature tensor, as is
         the GRU's new state. A step where two classes tie exactly (several marks) falls back to argmax, which
         keeps the first. On the CPU in float32 (LayerNorm GRU, LayerNorm + SiLU MLPs) the same loop runs compiled,
-        `fused_rollout` (faster at batch 1024: benchmark.py times both, README "Performance (session 21)"); this
+        `fused` (faster at batch 1024: benchmark.py times both, README "Performance (session 21)"); this
         torch loop elsewhere."""
-        if fused_rollout.supported(self, h):  # the same loop compiled (fused_rollout.cpp), where it applies
-            return fused_rollout.rollout(self, h, z, actions)
+        if fused.supported(self, h):  # the same loop compiled (fused.cpp), where it applies
+            return fused.rollout(self, h, z, actions)
         cfg = self.cfg
         batch, horizon = actions.shape
         latent = cfg.stoch * cfg.classes
@@ -1166,7 +1187,7 @@ class WorldModel(nn.Module):
         feat = torch.cat([states["h"], states["z"]], -1)  # (B, T, F)
         raw = self.decode_raw(feat)
         if self.tiles is not None:  # cross-entropy of each cell's tile, summed (or averaged) over the grid
-            cell_loss = F.cross_entropy(raw.reshape(-1, raw.shape[-1]), inputs.flatten(), reduction="none")
+            cell_loss = fused.cross_entropy(raw.reshape(-1, raw.shape[-1]), inputs.flatten())  # torch's off the CPU
             cell_loss = cell_loss.view(batch, steps, -1)  # (B, T, cells)
             if cfg.recon_change_weight != 1.0:
                 changed = sprite_changes(inputs.view(batch, steps, *inputs.shape[1:])).view(batch, steps, -1)

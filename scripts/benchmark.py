@@ -12,12 +12,15 @@ Measured, each in its own forked process (so its peak RSS is its own and one can
   train_<preset>       world-model training frames/s: a step of train_rssm.py between logged steps on the
                        frames just collected (dataset.world_model_inputs: the batch, as tile ids made once
                        for a tiles model; forward without frame metrics, backward, grad clip, fused Adam),
-                       in a process started the way train_rssm.py starts (checkpoint.keep_freed_memory)
+                       in a process started the way train_rssm.py starts (checkpoint.keep_freed_memory);
+                       for a tiles preset (default) where fused.cpp is built, in turns step by step with the same
+                       step on torch's cross-entropy (train_<preset>_torch_loss_beside, ratio
+                       train_<preset>_fused_vs_torch_loss)
   train_faithful_original   the ORIGINAL's training loop (`original_batch`, `original_forward`) on the same
                        faithful model (NCHW, the allocator untouched) in a process of its own, its steps
                        INTERLEAVED with train_faithful's (the two take turns, step by step)
   imagine_<preset>     latent steps/s of the prior alone (imagination.imagine, no decoding); where the greedy
-                       rollout runs fused_rollout.cpp's loop (config fused: true), in turns with the same rollouts
+                       rollout runs fused.cpp's loop (config fused: true), in turns with the same rollouts
                        in torch's loop (imagine_<preset>_torch_loop, ratio imagine_<preset>_fused_vs_torch_loop)
   imagine_original     a plain GRUCell + MLP step at the faithful sizes (`original_prior_step`), interleaved
                        with the first preset's rollouts
@@ -51,6 +54,7 @@ before the timed work is given as baseline_rss_mb); for the collector, the large
 Writes --out (JSON, atomic) and prints a table.
 """
 import argparse
+import contextlib
 import math
 import multiprocessing as mp
 import os
@@ -376,6 +380,8 @@ def _training_way(conn, way, data_dir, preset, batch_size, seq_len, threads, cha
         if way == "flipped":  # ours with the preset's memory format flipped
             channels_last = not _default_channels_last(preset)
     torch = _torch(threads)
+    import fused
+
     try:  # bad input (the data, another models.py): measure_training raises it again, one line and exit 2
         ds = PokemonDataset(data_dir, seq_len=seq_len)
         wm = _world_model(torch, preset, ds.resolution, channels_last, frames=ds.obs)
@@ -390,13 +396,14 @@ def _training_way(conn, way, data_dir, preset, batch_size, seq_len, threads, cha
     model = torch.compile(wm) if compile_model else wm
     # as train_rssm.py between logged steps: tile ids made once, no frame metrics, fused Adam ("every_step":
     # tokens and frame metrics every step and the multi-tensor Adam, as train_rssm.py before session 10)
-    lean = way in ("ours", "flipped") or way.startswith("at_")
+    lean = way in ("ours", "flipped", "torch_loss") or way.startswith("at_")
     tile_ids = wm.tiles.tokenize_uint8(ds.obs) if lean and wm.tiles is not None else None
     optimizer = torch.optim.Adam(wm.parameters(), lr=1e-4, fused=lean)
     rng = np.random.default_rng(0)  # the same windows in every way
     conn.send({"baseline_rss_mb": _rss_mb(), "parameters": sum(p.numel() for p in wm.parameters()),
                "resolution": "x".join(map(str, ds.resolution)), "channels_last": wm.cfg.channels_last,
-               "windows": len(ds), "precision": precision})
+               "windows": len(ds), "precision": precision,
+               "fused_loss": way != "torch_loss" and wm.tiles is not None and fused.ready()})
     while conn.recv():
         starts = rng.choice(ds.window_starts, batch_size, replace=len(ds) < batch_size)
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -408,7 +415,8 @@ def _training_way(conn, way, data_dir, preset, batch_size, seq_len, threads, cha
         else:
             inputs = world_model_inputs(ds, starts, "cpu", tile_ids, with_frames=not lean,
                                         with_places=getattr(wm, "place_head", None) is not None)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bfloat16"):
+            loss_ops = fused.off() if way == "torch_loss" else contextlib.nullcontext()  # picked in the forward
+            with loss_ops, torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bfloat16"):
                 total, _, _, _ = model(**inputs, frame_metrics=not lean)
             optimizer.zero_grad(set_to_none=True)
         total.backward()
@@ -462,7 +470,7 @@ def measure_training(data_dir, preset, batch_size, seq_len, steps, threads, ways
               "config": {"preset": preset, "way": ways[0], "batch_size": batch_size, "seq_len": seq_len,
                          "resolution": first["resolution"], "timed_steps": steps, "threads": threads,
                          "channels_last": first["channels_last"], "torch_compile": compile_model,
-                         "precision": first["precision"],
+                         "precision": first["precision"], "fused_loss": first["fused_loss"],
                          "allocator": "default" if ways[0] == "original" else "keep_freed_memory",
                          "parameters": first["parameters"], "data": "real collected frames",
                          "interleaved_with": list(ways[1:]), "process": "one per way"}}
@@ -470,12 +478,15 @@ def measure_training(data_dir, preset, batch_size, seq_len, steps, threads, ways
         result[way] = rate[way]
         result[f"{way}_peak_rss_mb"] = peaks[way]
         result[f"{way}_minor_page_faults_per_step"] = float(np.median(faults[way]))
+        result[f"{way}_fused_loss"] = info[way]["fused_loss"]
     return result
 
 
 def paired(result: dict, way: str, note: str, **config) -> dict:
     """The second loop of an interleaved measurement as a result of its own (`config`: what differs)."""
     config = dict(result["config"], way=note, interleaved_with=[result["config"]["way"]], **config)
+    if f"{way}_fused_loss" in result:  # a training way's own
+        config["fused_loss"] = result.pop(f"{way}_fused_loss")
     peak = result.pop(f"{way}_peak_rss_mb", result["peak_rss_mb"])
     extra = {"minor_page_faults_per_step": result.pop(f"{way}_minor_page_faults_per_step")} \
         if f"{way}_minor_page_faults_per_step" in result else {}
@@ -538,8 +549,10 @@ def _model_from_file(path: Path, preset, image_size, like):
     """The `preset` world model of the models.py at `path`, with the weights of `like` (UserError if they differ;
     `like`'s place heads are left out when that models.py has none: they take no part in imagination, and a
     revision before them trains without them)."""
+    import importlib
     import importlib.util
 
+    sys.modules.setdefault("fused_rollout", importlib.import_module("fused"))  # its name before session 22
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[path.stem] = module  # dataclasses look their module up
@@ -572,7 +585,7 @@ def measure_imagination(preset, batch, horizon, repeats, threads, image_size, wi
     state = wm.rssm.initial(batch)
     rollouts = {"ours": lambda: imagination.imagine(wm, state, actions)}
     fused = _fused(torch, wm, state)
-    if fused:  # the same rollout in torch's loop (fused_rollout.off), in turns with the compiled one
+    if fused:  # the same rollout in torch's loop (fused.off), in turns with the compiled one
         rollouts["torch_loop"] = lambda: _torch_loop(wm, state, actions)
     if with_original:
         step = original_prior_step(torch)
@@ -606,19 +619,19 @@ def measure_imagination(preset, batch, horizon, repeats, threads, image_size, wi
 
 
 def _fused(torch, wm, state) -> bool:
-    """Whether imagination.imagine's greedy rollouts of wm run fused_rollout.cpp's loop here."""
-    import fused_rollout
+    """Whether imagination.imagine's greedy rollouts of wm run fused.cpp's loop here."""
+    import fused
 
     with torch.inference_mode():
-        return fused_rollout.supported(wm.rssm, state[0])
+        return fused.supported(wm.rssm, state[0])
 
 
 def _torch_loop(wm, state, actions):
-    """imagination.imagine with the greedy rollout in torch's loop (RSSM.greedy_rollout without fused_rollout.cpp)."""
-    import fused_rollout
+    """imagination.imagine with the greedy rollout in torch's loop (RSSM.greedy_rollout without fused.cpp)."""
+    import fused
     import imagination
 
-    with fused_rollout.off():
+    with fused.off():
         return imagination.imagine(wm, state, actions)
 
 
@@ -776,6 +789,11 @@ def run(args) -> dict:
                     results["train_faithful"], "original",
                     "original: per-window float conversion, per-step networks in the time loop, zero_grad()",
                     allocator="default", channels_last=False)
+            if preset == "default":  # fused.cpp's tile cross-entropy and torch's, step by step in turns
+                name = "train_default_torch_loss"
+                record(name, measure_training, preset=preset, steps=2 * s["train_steps"]["default"],
+                       ways=("torch_loss", "ours"), **train)
+                results[f"{name}_beside"] = paired(results[name], "ours", f"train_rssm.py's step, in turns with {name}")
             if against and preset == "default":  # REV's model and this tree's, step by step in turns
                 name = f"train_default_{against[0]}"
                 record(name, measure_training, preset=preset, steps=2 * s["train_steps"]["default"],
@@ -792,7 +810,7 @@ def run(args) -> dict:
             if "torch_loop" in results[f"imagine_{preset}"]:
                 results[f"imagine_{preset}_torch_loop"] = paired(
                     results[f"imagine_{preset}"], "torch_loop", "imagination.imagine in torch's loop "
-                    "(fused_rollout.off)", fused=False)
+                    "(fused.off)", fused=False)
             if index == 0:
                 results["imagine_original"] = paired(
                     results[f"imagine_{preset}"], "original",
@@ -818,7 +836,7 @@ def run(args) -> dict:
                 "value": turns.pop("torch_loop"), "unit": "latent steps/s", "peak_rss_mb": turns["peak_rss_mb"],
                 "baseline_rss_mb": turns["baseline_rss_mb"], "seconds": turns["seconds"],
                 "config": dict(turns["config"]["imagination"], fused=False, way="imagination.imagine in torch's loop "
-                               "(fused_rollout.off), best rollout", interleaved_with=[
+                               "(fused.off), best rollout", interleaved_with=[
                                    turns["config"]["way"], "imagination.imagine (inference mode)", "rollout_matmuls"])}
         rate, macs = turns.pop("matmuls"), turns.pop("matmul_macs_per_step")
         results[f"imagine_{dreamer}_matmuls_in_turns"] = {
@@ -878,7 +896,11 @@ def run(args) -> dict:
         if f"imagine_{preset}_torch_loop" in results:
             ratios[f"imagine_{preset}_fused_vs_torch_loop"] = ratio(
                 results[f"imagine_{preset}"], results[f"imagine_{preset}_torch_loop"], None,
-                "fused_rollout.cpp's greedy rollout / the same in torch's loop, in turns")
+                "fused.cpp's greedy rollout / the same in torch's loop, in turns")
+    if "train_default_torch_loss" in results:
+        ratios["train_default_fused_vs_torch_loss"] = ratio(
+            results["train_default_torch_loss_beside"], results["train_default_torch_loss"], None,
+            "training step with fused.cpp's tile cross-entropy / with torch's, in turns step by step")
     for name in IMAGINATION_VARIANTS:
         if f"imagine_default_{name}" in results:
             ratios[f"imagine_default_vs_{name}"] = ratio(results["imagine_default"], results[f"imagine_default_{name}"],
@@ -901,7 +923,7 @@ def run(args) -> dict:
     if f"imagine_{best}_torch_loop_in_turns" in results:
         ratios["imagined_per_emulator_step_torch_loop"] = ratio(
             results[f"imagine_{best}_torch_loop_in_turns"], results["env_steps_in_turns"], None,
-            f"imagine_{best}_torch_loop_in_turns / env_steps_in_turns: the ratio without fused_rollout.cpp")
+            f"imagine_{best}_torch_loop_in_turns / env_steps_in_turns: the ratio without fused.cpp")
     ratios["imagined_per_emulator_step_apart"] = ratio(results[f"imagine_{best}"], results["env_steps"], None,
                                                        f"imagine_{best} / env_steps (measured minutes apart)")
     ratios["imagined_per_emulator_step_per_core"] = {

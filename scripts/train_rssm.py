@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 import artifacts
 import checkpoint
+import fused
 import imagination
 from dataset import PokemonDataset, evenly, frames_to_float, world_model_inputs
 from errors import UserError, cli
@@ -281,6 +282,8 @@ def main(argv=None):
         tile_ids = wm.tiles.tokenize_uint8(ds.obs)
         if main_process:
             print(f"tile ids of {len(ds.obs)} frames ({time.perf_counter() - began:.1f} s)", flush=True)
+        if device.type == "cpu":
+            fused.ready()  # fused.cpp's tile loss built (once per machine) before the time budget starts
     if rank:
         torch.manual_seed(args.seed + 7919 * rank + step)  # each rank draws its own sampling noise
     model = wm

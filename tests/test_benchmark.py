@@ -12,11 +12,13 @@ from conftest import load_script, run_script
 MEASUREMENTS = ("env_steps", "collect_original", "collect_1_worker", "collect_2_workers", "train_faithful",
                 "train_default", "train_faithful_original", "imagine_faithful", "imagine_default", "imagine_original",
                 "decode_faithful", "decode_default", "env_steps_in_turns", "imagine_default_in_turns",
-                "imagine_default_matmuls_in_turns", "imagine_default_torch_loop", "imagine_default_torch_loop_in_turns")
+                "imagine_default_matmuls_in_turns", "imagine_default_torch_loop", "imagine_default_torch_loop_in_turns",
+                "train_default_torch_loss", "train_default_torch_loss_beside")
 RATIOS = ("collector_vs_original_per_worker", "workers_2_vs_1", "train_faithful_vs_original",
           "imagine_default_vs_original", "imagined_per_emulator_step", "imagined_per_emulator_step_per_core",
           "imagined_per_emulator_step_apart", "imagined_per_emulator_step_matmul_ceiling",
-          "imagine_default_fused_vs_torch_loop", "imagined_per_emulator_step_torch_loop")
+          "imagine_default_fused_vs_torch_loop", "imagined_per_emulator_step_torch_loop",
+          "train_default_fused_vs_torch_loss")
 
 
 def finite_numbers(value, where):
@@ -64,7 +66,7 @@ def test_quick_benchmark_reports_every_field(tmp_path, cartridge_rom):
     assert ceiling["config"]["gmac_per_s"] == pytest.approx(ceiling["value"] * ceiling["config"]["multiply_adds_per_step"] / 1e9)
     assert report["ratios"]["imagined_per_emulator_step_matmul_ceiling"]["value"] == pytest.approx(
         ceiling["value"] / report["results"]["env_steps_in_turns"]["value"])
-    # the default preset's greedy rollouts run fused_rollout.cpp's loop, in turns with torch's loop
+    # the default preset's greedy rollouts run fused.cpp's loop, in turns with torch's loop
     results = report["results"]
     assert results["imagine_default"]["config"]["fused"] and not results["imagine_faithful"]["config"]["fused"]
     assert not results["imagine_default_torch_loop"]["config"]["fused"] and turns["config"]["fused"]
@@ -74,6 +76,12 @@ def test_quick_benchmark_reports_every_field(tmp_path, cartridge_rom):
         results["imagine_default"]["value"] / results["imagine_default_torch_loop"]["value"])
     assert report["ratios"]["imagined_per_emulator_step_torch_loop"]["value"] == pytest.approx(
         results["imagine_default_torch_loop_in_turns"]["value"] / results["env_steps_in_turns"]["value"])
+    # its training step with fused.cpp's tile cross-entropy, in turns with torch's
+    assert results["train_default"]["config"]["fused_loss"] and results["train_default_torch_loss_beside"]["config"]["fused_loss"]
+    assert not results["train_default_torch_loss"]["config"]["fused_loss"]
+    assert not results["train_faithful"]["config"]["fused_loss"]  # pixels: no tile loss
+    assert report["ratios"]["train_default_fused_vs_torch_loss"]["value"] == pytest.approx(
+        results["train_default_torch_loss_beside"]["value"] / results["train_default_torch_loss"]["value"])
     before = report["results"]["imagine_default_at_HEAD"]  # models.py as committed, in turns with the tree's
     assert before["config"]["interleaved_with"] == ["imagination.imagine (inference mode)"]
     assert "at_HEAD" in report["results"]["imagine_default"]["config"]["interleaved_with"]
@@ -113,12 +121,12 @@ def test_imagination_measures_the_model_it_is_given_and_its_variants_in_turns():
 def test_matmul_ceiling_runs_the_matrix_products_of_a_rollout_step(preset, overrides):
     """rollout_matmuls: per latent step as many multiply-adds as RSSM.greedy_rollout's own matrix products (torch's
     FLOP counter: a rollout one step longer costs 2 x batch x macs FLOPs more), for each kind of GRU. The torch
-    loop's (the counter sees ATen's products, not fused_rollout.cpp's calls into MKL; that loop multiplies the same
+    loop's (the counter sees ATen's products, not fused.cpp's calls into MKL; that loop multiplies the same
     matrices)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    import fused_rollout
+    import fused
 
     benchmark = load_script("benchmark")
     wm = benchmark._world_model(torch, preset, (144, 160), overrides=overrides).eval()
@@ -126,7 +134,7 @@ def test_matmul_ceiling_runs_the_matrix_products_of_a_rollout_step(preset, overr
     loop, macs = benchmark.rollout_matmuls(torch, wm, batch, horizon=3)
 
     def flops(function):
-        with torch.inference_mode(), fused_rollout.off(), FlopCounterMode(display=False) as counter:
+        with torch.inference_mode(), fused.off(), FlopCounterMode(display=False) as counter:
             function()
         return counter.get_total_flops()
 

@@ -12,6 +12,7 @@ import time
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import checkpoint
 import imagination
@@ -99,6 +100,33 @@ def test_decoder_broadcast_adds_a_per_cell_branch_before_the_tile_head():
     for bad in (dict(decoder_broadcast=-1), dict(decoder_broadcast=8, frame_model="pixels")):
         with pytest.raises(ValueError, match="decoder_broadcast"):
             RSSMConfig.from_preset("tiny", **bad)
+
+
+def test_decoder_slots_put_one_appearance_on_the_cell_their_softmaxes_pick():
+    torch.manual_seed(0)
+    plain, slotted = (WorldModel(tiles_config(decoder_slots=n)) for n in (0, 3))
+    dec, feat_dim = slotted.decoder, slotted.feat_dim
+    channels, rows, cols = dec.grid
+    assert plain.decoder.slots is None
+    assert count(slotted) - count(plain) == (feat_dim + 1) * 3 * (rows + cols + channels)
+    with torch.no_grad():  # slot 1 alone, its logits peaked at row 2 and column 4, its appearance all ones
+        dec.slots.weight.zero_(), dec.slots.bias.zero_()
+        bias = dec.slots.bias.view(3, rows + cols + channels)
+        bias[:, :rows + cols] = -1e4
+        bias[1, 2], bias[1, rows + 4], bias[1, rows + cols:] = 0.0, 0.0, 1.0
+        feat = torch.randn(2, feat_dim)
+        spread = dec.slot_grid(feat)
+        assert spread.shape == (2, channels, rows, cols)
+        expected = torch.zeros_like(spread)
+        expected[:, :, 2, 4] = 1.0
+        assert torch.allclose(spread, expected)
+        # the decoder adds it to its grid's linear layer before the transposed convolutions
+        by_hand = dec.tile_head(dec.deconvs(dec.fc(feat).view(-1, *dec.grid) + expected).permute(0, 2, 3, 1))
+        assert torch.allclose(slotted.decode_raw(feat[:, None])[:, 0], by_hand, atol=1e-5)
+    slotted.decode_raw(torch.randn(2, 1, feat_dim)).sum().backward()  # the slots learn from the frame loss
+    assert dec.slots.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="decoder_slots"):
+        RSSMConfig.from_preset("tiny", decoder_slots=-1)
 
 
 def test_embed_dropout_hides_whole_cells_in_training_only():
@@ -384,9 +412,9 @@ def test_reprojected_imagination_feeds_back_the_posterior_of_its_own_decoded_fra
     ("default", {"prior_layers": 0}, False), ("default", {"prior_layers": 2}, False),
     ("pixels", {"gru_blocks": 1}, False), ("faithful", {}, False), ("tiny", {}, False)])
 def test_greedy_rollout_equals_the_plain_prior_loop(preset, overrides, tie, fused):
-    """RSSM.greedy_rollout, in fused_rollout.cpp's loop (every preset but faithful) and in torch's, against
+    """RSSM.greedy_rollout, in fused.cpp's loop (every preset but faithful) and in torch's, against
     img_step in a loop."""
-    import fused_rollout
+    import fused
 
     torch.manual_seed(0)
     wm = WorldModel(RSSMConfig.from_preset(preset, **overrides)).eval()
@@ -395,8 +423,8 @@ def test_greedy_rollout_equals_the_plain_prior_loop(preset, overrides, tie, fuse
     h, z = torch.randn(5, wm.cfg.deter), torch.rand(5, wm.cfg.stoch * wm.cfg.classes)  # a soft start z
     actions = torch.randint(0, 8, (5, 7))
     with torch.inference_mode():
-        assert fused_rollout.supported(wm.rssm, h) == (preset != "faithful")  # built here, or this fails
-    with contextlib.nullcontext() if fused else fused_rollout.off():
+        assert fused.supported(wm.rssm, h) == (preset != "faithful")  # built here, or this fails
+    with contextlib.nullcontext() if fused else fused.off():
         fast = imagination.imagine(wm, (h, z), actions)
     hs, zs = [], []
     with torch.inference_mode():
@@ -408,14 +436,14 @@ def test_greedy_rollout_equals_the_plain_prior_loop(preset, overrides, tie, fuse
 
 
 def test_fused_rollout_equals_torch_loop_over_tiles_starts_threads_and_new_weights():
-    """fused_rollout.cpp on a batch of two whole tiles (the prior's products through oneDNN) and a partial one, from a
+    """fused.cpp on a batch of two whole tiles (the prior's products through oneDNN) and a partial one, from a
     soft start z (a product), a one-hot one and zeros (sums of table rows), on 1 and 2 threads; after an in-place
     change of the weights it reads the new ones (its prepared copies are remade); an action out of range is refused."""
-    import fused_rollout
+    import fused
 
     torch.manual_seed(0)
     wm = WorldModel(RSSMConfig.from_preset("default")).eval()
-    cfg, batch = wm.cfg, 2 * fused_rollout.TILE + 44
+    cfg, batch = wm.cfg, 2 * fused.TILE + 44
     soft = torch.rand(batch, cfg.stoch * cfg.classes)
     one_hot = torch.nn.functional.one_hot(torch.randint(0, cfg.classes, (batch, cfg.stoch)), cfg.classes).flatten(1)
     h, actions = torch.randn(batch, cfg.deter), torch.randint(0, 8, (batch, 6))
@@ -426,7 +454,7 @@ def test_fused_rollout_equals_torch_loop_over_tiles_starts_threads_and_new_weigh
         logits in the torch loop tie to 1e-5 (either may win after rounding; that row's rollouts part there)."""
         with torch.inference_mode():
             fast = wm.rssm.greedy_rollout(h, z.float(), actions)
-            with fused_rollout.off():
+            with fused.off():
                 plain = wm.rssm.greedy_rollout(h, z.float(), actions)
             classes = [x[..., cfg.deter:].view(batch, -1, cfg.stoch, cfg.classes).argmax(-1) for x in (fast, plain)]
             differ = (classes[0] != classes[1]).any(-1)  # (B, H)
@@ -458,12 +486,46 @@ def test_fused_rollout_equals_torch_loop_over_tiles_starts_threads_and_new_weigh
     assert not torch.equal(both(one_hot)[..., cfg.deter:], before[..., cfg.deter:])
 
 
-def test_fused_rollout_that_cannot_be_built_warns_once_and_leaves_the_torch_loop():
+def test_fused_kernels_that_cannot_be_built_warn_once_and_leave_torchs_ops():
     """A build the compiler refuses (here: a flag it does not know) is None and one warning line quoting it."""
-    import fused_rollout
+    import fused
 
-    with pytest.warns(UserWarning, match="fused rollout not built .*no-such-flag.*torch loop"):
-        assert fused_rollout.build(("-fno-such-flag",)) is None
+    with pytest.warns(UserWarning, match="fused.cpp not built .*no-such-flag.*torch's ops"):
+        assert fused.build(("-fno-such-flag",)) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vocab", [512, 37])  # whole vectors of 16, and a tail
+def test_fused_cross_entropy_equals_torchs_loss_and_gradient(dtype, vocab):
+    """fused.cross_entropy against F.cross_entropy in float32 (what autocast computes for bfloat16 logits): the
+    same losses, the same gradient for any upstream (rounded once to the logits' type); none made without grad;
+    a target out of range refused; the backward once only."""
+    import fused
+
+    torch.manual_seed(0)
+    logits = (4 * torch.randn(1000, vocab)).to(dtype).requires_grad_()
+    target, upstream = torch.randint(0, vocab, (1000,)), torch.rand(1000)
+    mine = fused.cross_entropy(logits, target)
+    assert mine.dtype == torch.float32 and type(mine.grad_fn).__name__ == "_CrossEntropyBackward"  # built, or this fails
+    mine.backward(upstream)
+    ref_logits = logits.detach().float().requires_grad_()
+    ref = F.cross_entropy(ref_logits, target, reduction="none")
+    ref.backward(upstream)
+    torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-5)
+    assert logits.grad.dtype == dtype
+    tolerance = dict(rtol=1e-5, atol=1e-7) if dtype == torch.float32 else dict(rtol=8e-3, atol=1e-5)  # bf16: 8 bits
+    torch.testing.assert_close(logits.grad.float(), ref_logits.grad, **tolerance)
+    with torch.no_grad():
+        torch.testing.assert_close(fused.cross_entropy(logits, target), ref.detach(), rtol=1e-5, atol=1e-5)
+        with fused.off():
+            assert torch.equal(fused.cross_entropy(logits.float(), target), F.cross_entropy(
+                logits.float(), target, reduction="none"))
+    with pytest.raises(RuntimeError, match="outside"):
+        fused.cross_entropy(logits, target + vocab)
+    twice = fused.cross_entropy(logits, target).sum()
+    twice.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="used already"):
+        twice.backward()
 
 
 # --- tile tokens ----------------------------------------------------------------------------
@@ -573,6 +635,33 @@ def test_recon_change_weight_weighs_the_moved_cells(data_dir):
         tiles_config(recon_change_weight=-1.0)
     with pytest.raises(ValueError, match="tiles' only"):
         RSSMConfig.from_preset("tiny", recon_change_weight=2.0)
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_tiles_model_learns_alike_with_the_fused_cross_entropy(data_dir, precision):
+    """A tiles model's training loss and gradients with fused.cpp's cross-entropy and with torch's, in float32 and
+    under bfloat16 autocast (as train_rssm.py steps them)."""
+    import fused
+    from dataset import PokemonDataset, world_model_inputs
+
+    torch.manual_seed(0)
+    ds = PokemonDataset(data_dir, seq_len=6)
+    wm = WorldModel(tiles_config(recon_change_weight=3.0))  # a weight per cell: each row's upstream differs
+    wm.tiles.fit(ds.obs)
+    inputs = world_model_inputs(ds, np.arange(0, 48, 6), "cpu", wm.tiles.tokenize_uint8(ds.obs), with_frames=False)
+    results = []
+    for way in (contextlib.nullcontext(), fused.off()):
+        torch.manual_seed(1)  # the same sampling noise
+        with way, torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bfloat16"):
+            total, losses, _, _ = wm(**inputs, frame_metrics=False)
+        wm.zero_grad()
+        total.backward()
+        results.append((losses["recon"].detach(), [p.grad.clone() for p in wm.parameters() if p.grad is not None]))
+    (fast, fast_grads), (plain, plain_grads) = results
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-4)
+    assert len(fast_grads) == len(plain_grads)
+    for a, b in zip(fast_grads, plain_grads):  # bfloat16 (8 bits): the two round the logits' gradient at other points
+        assert (a - b).norm() <= (1e-4 if precision == "float32" else 3e-2) * b.norm() + 1e-6
 
 
 def test_tile_ids_made_once_train_exactly_as_tokenizing_each_batch(data_dir):

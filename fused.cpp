@@ -1,15 +1,18 @@
-// The greedy prior rollout (models.RSSM.greedy_rollout) as one C++ loop, CPU and float32 only.
+// The project's two hottest CPU loops in C++, built on first use by fused.py: the greedy prior rollout (imagination)
+// and the tile cross-entropy (training).
 //
+// The greedy prior rollout (models.RSSM.greedy_rollout) as one C++ loop, CPU and float32 only.
 // The batch is cut in tiles of `tile` rows; each thread rolls its tiles through the whole horizon on its own, its
 // matrix products single-threaded (the prior's through oneDNN with weights packed once, the GRU's through ATen, so
 // MKL in torch's x86 build: the faster of the two for each, measured), and between two products one pass over
 // each row does all the rest: the input table's sums, biases, norms, activations, GRU gates, the most likely
 // classes. No thread waits for another until the end, and a tile's buffers stay in its core's cache. Built on
-// first use by fused_rollout.py; the same states as the torch loop to float tolerance (tests/test_rssm.py).
+// first use by fused.py; the same states as the torch loop to float tolerance (tests/test_rssm.py).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -322,6 +325,75 @@ const float* floats(const at::Tensor& t, const char* name) {
   return t.data_ptr<float>();
 }
 
+
+// ---- the tile cross-entropy (models.WorldModel.forward's reconstruction loss of a tiles model) ----
+// One pass over each row of logits gives its loss and its gradient (softmax - one-hot), the gradient kept in the
+// logits' own type until the backward scales it in place: where torch's cross-entropy under autocast copies the
+// bfloat16 logits to float32, keeps their log-softmax, fills a one-hot and makes the gradient in float32 and then
+// bfloat16, five passes over float32 arrays of the logits' size.
+
+// 16 values of a row as floats, and back (bfloat16: the high half of a float's bits, rounded to nearest even)
+inline Vec16 load16(const c10::BFloat16* p) {
+  typedef uint16_t Half16 __attribute__((vector_size(32)));
+  Half16 half;
+  __builtin_memcpy(&half, p, sizeof half);
+  const Int16 bits = __builtin_convertvector(half, Int16) << 16;
+  Vec16 v;
+  __builtin_memcpy(&v, &bits, sizeof v);
+  return v;
+}
+
+inline void store16(c10::BFloat16* p, Vec16 v) {
+  typedef uint16_t Half16 __attribute__((vector_size(32)));
+  typedef uint32_t Uint16 __attribute__((vector_size(64)));
+  Uint16 bits;
+  __builtin_memcpy(&bits, &v, sizeof bits);
+  bits += 0x7FFFu + ((bits >> 16) & 1u);
+  const Half16 half = __builtin_convertvector(bits >> 16, Half16);
+  __builtin_memcpy(p, &half, sizeof half);
+}
+
+inline float value(const float* p) { return *p; }
+inline float value(const c10::BFloat16* p) { return static_cast<float>(*p); }
+
+// rows [first, last) of logits (rows, n): loss[r] = logsumexp(row) - row[target[r]]; grad (may be null) =
+// softmax(row) - one_hot(target[r]) in the logits' type. exps: n floats of scratch. Returns false if a target is
+// outside [0, n).
+template <typename T>
+bool cross_entropy_rows(const T* logits, const int64_t* target, float* loss, T* grad, int64_t first, int64_t last,
+                        int64_t n, float* exps) {
+  const int64_t whole = n - n % 16;
+  for (int64_t r = first; r < last; ++r) {
+    const T* row = logits + r * n;
+    const int64_t t = target[r];
+    if (t < 0 || t >= n) return false;
+    Vec16 top16 = Vec16{} - 3.0e38f;
+    for (int64_t i = 0; i < whole; i += 16) {
+      const Vec16 v = load16(row + i);
+      top16 = v > top16 ? v : top16;
+    }
+    float top = -3.0e38f;
+    for (int i = 0; i < 16; ++i) top = std::max(top, top16[i]);
+    for (int64_t i = whole; i < n; ++i) top = std::max(top, value(row + i));
+    Vec16 sum16 = Vec16{};
+    for (int64_t i = 0; i < whole; i += 16) {
+      const Vec16 e = exp16(load16(row + i) - top);
+      store16(exps + i, e), sum16 += e;
+    }
+    float sum = 0.0f;
+    for (int i = 0; i < 16; ++i) sum += sum16[i];
+    for (int64_t i = whole; i < n; ++i) sum += exps[i] = std::exp(std::max(value(row + i) - top, -87.0f));
+    loss[r] = top + std::log(sum) - value(row + t);
+    if (!grad) continue;
+    const float inv = 1.0f / sum;
+    T* out = grad + r * n;
+    for (int64_t i = 0; i < whole; i += 16) store16(out + i, load16(exps + i) * inv);
+    for (int64_t i = whole; i < n; ++i) out[i] = static_cast<T>(exps[i] * inv);
+    out[t] = static_cast<T>(exps[t] * inv - 1.0f);
+  }
+  return true;
+}
+
 }  // namespace
 
 // h0 (B, D), z0 (B, S C): the start state (z0 may be soft); actions (B, H) int64. table (S C + A, X) and in_bias /
@@ -387,6 +459,60 @@ at::Tensor greedy_rollout(const at::Tensor& h0, const at::Tensor& z0, const at::
   return feat;
 }
 
+
+// logits (N, V) float32 or bfloat16, contiguous; target (N) int64 -> [loss (N) float32, grad (N, V) in the logits'
+// type: d loss[r] / d logits[r], or an empty tensor when with_grad is false]. Rows in parallel.
+std::vector<at::Tensor> cross_entropy_forward(const at::Tensor& logits, const at::Tensor& target, bool with_grad) {
+  TORCH_CHECK(logits.device().is_cpu() && logits.dim() == 2 && logits.is_contiguous() &&
+                  (logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kBFloat16),
+              "fused cross-entropy: logits must be a contiguous (N, V) float32 or bfloat16 CPU tensor");
+  TORCH_CHECK(target.device().is_cpu() && target.scalar_type() == at::kLong && target.dim() == 1 &&
+                  target.is_contiguous() && target.size(0) == logits.size(0),
+              "fused cross-entropy: target must be a contiguous (N) int64 CPU tensor");
+  const int64_t rows = logits.size(0), n = logits.size(1);
+  at::Tensor loss = at::empty({rows}, logits.options().dtype(at::kFloat));
+  at::Tensor grad = with_grad ? at::empty_like(logits) : at::Tensor();
+  std::atomic<bool> ok{true};
+  at::parallel_for(0, rows, 256, [&](int64_t first, int64_t last) {
+    std::vector<float> exps(n);
+    bool fine;
+    if (logits.scalar_type() == at::kFloat)
+      fine = cross_entropy_rows(logits.data_ptr<float>(), target.data_ptr<int64_t>(), loss.data_ptr<float>(),
+                                with_grad ? grad.data_ptr<float>() : nullptr, first, last, n, exps.data());
+    else
+      fine = cross_entropy_rows(logits.data_ptr<c10::BFloat16>(), target.data_ptr<int64_t>(),
+                                loss.data_ptr<float>(), with_grad ? grad.data_ptr<c10::BFloat16>() : nullptr, first,
+                                last, n, exps.data());
+    if (!fine) ok = false;
+  });
+  TORCH_CHECK(ok, "fused cross-entropy: a target is outside [0, ", n, ")");
+  return {loss, grad};
+}
+
+// grad (N, V) *= upstream (N) float32, row by row, in place (rounded once in grad's type).
+void cross_entropy_backward(at::Tensor& grad, const at::Tensor& upstream) {
+  TORCH_CHECK(grad.dim() == 2 && grad.is_contiguous() && upstream.scalar_type() == at::kFloat &&
+                  upstream.is_contiguous() && upstream.numel() == grad.size(0),
+              "fused cross-entropy: the backward's gradient does not fit");
+  const int64_t n = grad.size(1), whole = n - n % 16;
+  const float* scale = upstream.data_ptr<float>();
+  auto rows = [&](auto* g, int64_t first, int64_t last) {
+    for (int64_t r = first; r < last; ++r) {
+      auto* row = g + r * n;
+      for (int64_t i = 0; i < whole; i += 16) store16(row + i, load16(row + i) * scale[r]);
+      for (int64_t i = whole; i < n; ++i) row[i] = value(row + i) * scale[r];
+    }
+  };
+  at::parallel_for(0, grad.size(0), 256, [&](int64_t first, int64_t last) {
+    if (grad.scalar_type() == at::kFloat)
+      rows(grad.data_ptr<float>(), first, last);
+    else
+      rows(grad.data_ptr<c10::BFloat16>(), first, last);
+  });
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("greedy_rollout", &greedy_rollout, "models.RSSM.greedy_rollout in one C++ loop (CPU, float32)");
+  m.def("cross_entropy_forward", &cross_entropy_forward, "per-row cross-entropy and its gradient (CPU)");
+  m.def("cross_entropy_backward", &cross_entropy_backward, "the gradient scaled by the rows' upstream, in place");
 }
