@@ -375,6 +375,12 @@ class RSSMConfig:
     deter: int = 256  # GRU state size D
     stoch: int = 32  # number of categorical latents
     classes: int = 16  # classes per latent
+    # True: the last (cells of the encoder's coarsest grid, 9 x 10 at 144x160 with strides 8, 2) of the `stoch`
+    # latents are local, one per cell: its posterior reads only that cell's encoder channels (and h), and the
+    # decoder puts it back on that cell alone (one linear map from its classes to the cell's channels), so that a
+    # character standing anywhere is one latent at its place; the prior still predicts every latent from h.
+    # Needs embed_dim 0 (the embedding is the grid) and stoch > cells; False: every latent global
+    local_latents: bool = False
     hidden: int = 256  # width of the prior / posterior / input MLPs
     prior_layers: int = 1  # hidden layers of the prior MLP on h (0: the prior's logits are one linear layer of h)
     gru: str = "layernorm"  # "torch": nn.GRUCell on [z, action]; "layernorm": input MLP, then a LayerNorm GRU
@@ -422,6 +428,10 @@ class RSSMConfig:
     # > 0: train_rssm.py steps AdamW with this decoupled weight decay on every matrix and kernel (not on biases
     # or norm gains); 0: plain Adam
     weight_decay: float = 0.0
+    # > 0: train_rssm.py keeps an exponential moving average of the weights (each update moves it this fraction
+    # less than all the way: avg += (1 - ema_decay) (weights - avg)); validation and the saved models
+    # (best_world_model.pt, world_model_epoch_NNN.pt) are the average; 0: the weights as trained
+    ema_decay: float = 0.0
     # "bfloat16": train_rssm.py runs each training step's forward pass under torch.autocast in bfloat16 (matrix
     # products and convolutions; weights, optimizer, the latents' distributions and validation stay float32): more
     # updates per minute on a CPU with AVX-512 BF16 or a GPU; "float32": plain; "auto": bfloat16 where the device
@@ -468,6 +478,15 @@ class RSSMConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def coarse_grid(self) -> tuple[int, int, int]:
+        """(channels, rows, columns) of the encoder's coarsest grid (the decoder's first)."""
+        factor = math.prod(self.conv_strides)
+        return self.conv_channels[-1], self.image_size[0] // factor, self.image_size[1] // factor
+
+    def local_cells(self) -> int:
+        """How many of the `stoch` latents are local (`local_latents`): one per coarse grid cell, or 0."""
+        return self.coarse_grid()[1] * self.coarse_grid()[2] if self.local_latents else 0
+
     def validate(self) -> None:
         choices = {
             "conv_norm": ("batch", "layer", "none"), "conv_act": tuple(_ACTIVATIONS), "mlp_act": tuple(_ACTIVATIONS),
@@ -491,11 +510,16 @@ class RSSMConfig:
         if self.decoder_broadcast < 0 or (self.decoder_broadcast and self.frame_model != "tiles"):
             raise ValueError(f"RSSMConfig.decoder_broadcast={self.decoder_broadcast} must be >= 0, and applies to "
                              "frame_model='tiles' only")
+        if self.local_latents and (self.embed_dim or self.stoch <= self.local_cells()):
+            raise ValueError(f"RSSMConfig.local_latents needs embed_dim 0 and stoch above the {self.local_cells()} "
+                             f"cells of the coarse grid (stoch={self.stoch}, embed_dim={self.embed_dim})")
         if self.decoder_slots < 0:
             raise ValueError(f"RSSMConfig.decoder_slots={self.decoder_slots} must be >= 0")
         if self.decoder_blocks < 0 or self.decoder_hidden < 0:
             raise ValueError(f"RSSMConfig.decoder_blocks={self.decoder_blocks} and decoder_hidden={self.decoder_hidden} "
                              "must be >= 0")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"RSSMConfig.ema_decay={self.ema_decay} must be in [0, 1)")
         if self.weight_decay < 0:
             raise ValueError(f"RSSMConfig.weight_decay={self.weight_decay} must be >= 0")
         if self.recon_change_weight < 0:
@@ -679,7 +703,10 @@ class Decoder(nn.Module):
     def __init__(self, cfg: RSSMConfig, grid: tuple[int, int, int]):
         super().__init__()
         self.grid = grid
-        feat = cfg.deter + cfg.stoch * cfg.classes
+        self.local_width = cfg.local_cells() * cfg.classes  # the local latents: the features' last columns
+        # the local latents reach the grid through `local` alone, each on its own cell
+        self.local = nn.Linear(cfg.classes, grid[0]) if self.local_width else None
+        feat = cfg.deter + cfg.stoch * cfg.classes - self.local_width
         if cfg.decoder_hidden:
             self.fc = nn.Sequential(nn.Linear(feat, cfg.decoder_hidden), _mlp_norm(cfg.mlp_norm, cfg.decoder_hidden),
                                     _ACTIVATIONS[cfg.mlp_act](), nn.Linear(cfg.decoder_hidden, math.prod(grid)))
@@ -726,10 +753,20 @@ class Decoder(nn.Module):
         spread = torch.bmm(where.transpose(1, 2).to(out.dtype), out[..., rows + cols:])  # (N, h w, C)
         return spread.transpose(1, 2).view(-1, channels, rows, cols)
 
-    def forward(self, feat):
-        x = self.fc(feat).view(-1, *self.grid)  # (N, C, h, w)
+    def coarse(self, feat):
+        """(N, F) -> (N, C, h, w): the grid the transposed convolutions start from."""
+        local = None
+        if self.local is not None:
+            feat, local = feat[..., :-self.local_width], feat[..., -self.local_width:]
+        x = self.fc(feat).view(-1, *self.grid)
+        if local is not None:  # (N, cells, classes) -> each cell's channels
+            x = x + self.local(local.unflatten(-1, (-1, self.local.in_features))).transpose(1, 2).view_as(x)
         if self.slots is not None:
             x = x + self.slot_grid(feat)
+        return x
+
+    def forward(self, feat):
+        x = self.coarse(feat)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         x = self.deconvs(x)
@@ -797,6 +834,20 @@ def kl_losses(post_logp, prior_logp, free_nats: float):
     return dyn.clamp(min=free_nats), rep.clamp(min=free_nats), dyn.detach()
 
 
+class LocalEmbedIn(nn.Module):
+    """The posterior's input from the embedding (the encoder's grid, flat and channel-major) with local latents:
+    [Linear(embedding) (hidden), each cell's channels through one shared Linear (cells x channels)]."""
+
+    def __init__(self, embed_dim: int, hidden: int, channels: int):
+        super().__init__()
+        self.whole = nn.Linear(embed_dim, hidden)
+        self.cell = nn.Linear(channels, channels)
+
+    def forward(self, embed):
+        cells = embed.unflatten(-1, (self.cell.in_features, -1)).transpose(-1, -2)  # (..., cells, C)
+        return torch.cat([self.whole(embed), self.cell(cells).flatten(-2)], -1)
+
+
 class RSSM(nn.Module):
     """Recurrent state-space model: h_t = GRU(h_{t-1}, [z_{t-1}, a_{t-1}]); z_t ~ prior(h_t) or posterior(h_t, e_t)."""
 
@@ -816,8 +867,15 @@ class RSSM(nn.Module):
         # once for all T frames (`post_embed_in`) and only the h half runs inside the time loop
         self.post_embed_in = nn.Linear(embed_dim, cfg.hidden)
         self.post_h_in = nn.Linear(cfg.deter, cfg.hidden, bias=False)
+        self.local_cells = cfg.local_cells()
         self.post_net = nn.Sequential(_mlp_norm(cfg.mlp_norm, cfg.hidden), _ACTIVATIONS[cfg.mlp_act](),
-                                      nn.Linear(cfg.hidden, latent))
+                                      nn.Linear(cfg.hidden, latent - self.local_cells * cfg.classes))
+        if self.local_cells:  # local latents: each cell's posterior reads its own channels and h
+            channels = cfg.coarse_grid()[0]
+            self.post_embed_in = LocalEmbedIn(embed_dim, cfg.hidden, channels)
+            self.post_local_h = nn.Linear(cfg.deter, channels, bias=False)
+            self.post_local = nn.Sequential(_mlp_norm(cfg.mlp_norm, channels), _ACTIVATIONS[cfg.mlp_act](),
+                                            nn.Linear(channels, cfg.classes))
 
     def initial(self, batch: int, device=None):
         """Zero state (h, z): (B, D), (B, S)."""
@@ -930,8 +988,15 @@ class RSSM(nn.Module):
         return self.cell(self.img_in[1:](x), h, out=out)
 
     def posterior(self, h, embed_in):
-        """(B, D) state and (B, hidden) projected embedding (`post_embed_in(embed)`) -> (B, stoch, classes) log-probs."""
-        return self.log_probs(self.post_net(self.post_h_in(h) + embed_in))
+        """(B, D) state and (B, hidden) projected embedding (`post_embed_in(embed)`; with local latents also each
+        cell's projected channels after it) -> (B, stoch, classes) log-probs."""
+        hidden = self.cfg.hidden
+        logits = self.post_net(self.post_h_in(h) + embed_in[..., :hidden])
+        if self.local_cells:
+            cells = embed_in[..., hidden:].unflatten(-1, (self.local_cells, -1))  # (B, cells, C)
+            local = self.post_local(cells + self.post_local_h(h).unsqueeze(-2))  # (B, cells, classes)
+            logits = torch.cat([logits, local.flatten(-2)], -1)
+        return self.log_probs(logits)
 
     def obs_step(self, h, z, action, embed, sample: bool | None = None):
         """Posterior step given the next frame's embedding (B, E): -> h, z, posterior log-probs."""

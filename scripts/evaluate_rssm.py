@@ -12,7 +12,9 @@ the real one. Also: reconstruction PSNR of the posterior (overall, and on overwo
 frames by the RAM, with each one's share of the squared error), and the probe's error on the posterior;
 for a tiles model also which tiles the posterior gets wrong: how many per frame, how many of them on cells
 that moved against the background (a character walking or turning, a text box; `models.sprite_changes`),
-and how many of those still show the previous frame's tile (a belief that did not take in the change); and
+and how many of those still show the previous frame's tile (a belief that did not take in the change); how
+many on cells unlike the place's usual frame (`usual_tiles`: each cell's most common tile at that map, x, y
+in the training episodes), and how many of those show the usual tile instead (a character left out); and
 the tile error on the quiet windows alone (no battle, text box or map change in any of their frames).
 Writes results.json, results.md (one table, checkpoints side by side) and drift.png to --out-dir.
 `--probe-latent-noise P` trains the probe with each latent of its inputs randomized with probability P, so
@@ -96,6 +98,29 @@ def posterior_features(wm, ds, starts, batch_size, device) -> tuple[torch.Tensor
     return torch.cat(feats), {k: torch.cat(v) for k, v in targets.items()}
 
 
+def place_keys(ds, rows: np.ndarray) -> np.ndarray:
+    """One int64 per frame row naming its place: (map id, x, y, in battle) from the RAM."""
+    a = ds.arrays
+    return (((a["map_ids"][rows].astype(np.int64) * 256 + a["xs"][rows]) * 256 + a["ys"][rows]) * 2
+            + a["in_battles"][rows])
+
+
+def usual_tiles(ds, rows: np.ndarray, ids: torch.Tensor, vocab: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each place's usual frame: for every place (`place_keys`) of the frame rows given (the training episodes'),
+    each cell's most common tile id there (`ids`: every frame's, (N, H/8, W/8)). What differs from it in a frame
+    is what the place alone does not say: a character standing elsewhere, a text box. -> (sorted place keys
+    (P,), usual ids (P, cells))."""
+    places, inverse = np.unique(place_keys(ds, rows), return_inverse=True)
+    cells = ids[torch.from_numpy(rows)].flatten(1).numpy().astype(np.int64)  # (n, cells)
+    count = cells.shape[1]
+    code = ((inverse[:, None] * count + np.arange(count)) * vocab + cells).ravel()  # (place, cell, tile)
+    values, counts = np.unique(code, return_counts=True)
+    slot = values // vocab
+    order = np.lexsort((counts, slot))  # by (place, cell), the most common tile last
+    last = np.r_[slot[order][1:] != slot[order][:-1], True]
+    return places, (values[order][last] % vocab).reshape(len(places), count)
+
+
 SCENES = ("overworld", "text box", "battle")  # what a frame shows, from its RAM: battle > text box > overworld
 
 
@@ -168,8 +193,13 @@ def evaluate_checkpoint(path: Path, ds, train_starts, scored_starts, args, devic
         sums["head_tile_error"] = torch.zeros(K)
     quiet_sums, quiet_count = {"quiet_tile_error": torch.zeros(K), "quiet_stay_tile_error": torch.zeros(K)}, 0
     post_err, post_acc, recon_mse, scenes, count, window_errors = [], [], [], [], 0, []
-    tile_sums = dict.fromkeys(("frames", "wrong", "frames_right", "changed", "wrong_changed", "stale"), 0)
+    tile_sums = dict.fromkeys(("frames", "wrong", "frames_right", "changed", "wrong_changed", "stale", "placed_frames",
+                               "placed_wrong", "unusual", "wrong_unusual", "usual_drawn"), 0)
     windows = evenly(scored_starts, args.max_sequences)
+    steps_in_window = np.arange(C + K)
+    if wm.tiles is not None:  # each training place's usual frame (its own codebook's ids)
+        all_ids = wm.tiles.tokenize_uint8(ds.obs)
+        places, usual = usual_tiles(ds, np.unique(train_starts[:, None] + steps_in_window), all_ids, wm.cfg.tile_vocab)
     for i in tqdm(range(0, len(windows), args.batch_size), desc=f"imagining ({path.name})", unit="batch"):
         batch = ds.get_batch(windows[i:i + args.batch_size])
         frames = frames_to_float(batch["obs"], device)  # (B, C+K, 3, H, W)
@@ -205,9 +235,18 @@ def evaluate_checkpoint(path: Path, ds, train_starts, scored_starts, args, devic
             true = wm.tiles.tokenize(frames.flatten(0, 1)).view(ids.shape)
             prev = aligned_previous(true)
             wrong, changed = ids != true, sprite_changes(true, prev)
+            # against the place's usual frame, on frames at places of the training episodes
+            keys = place_keys(ds, windows[i:i + args.batch_size][:, None] + steps_in_window)  # (B, T)
+            index = np.minimum(np.searchsorted(places, keys), len(places) - 1)
+            placed = torch.from_numpy(places[index] == keys)  # (B, T)
+            at_place = torch.from_numpy(usual[index]).view(ids.shape)
+            unusual = (true != at_place) & placed[..., None, None]
             for key, value in (("frames", true.shape[0] * true.shape[1]), ("wrong", wrong.sum()),
                                ("frames_right", (~wrong.flatten(2).any(-1)).sum()), ("changed", changed.sum()),
-                               ("wrong_changed", (wrong & changed).sum()), ("stale", (wrong & changed & (ids == prev)).sum())):
+                               ("wrong_changed", (wrong & changed).sum()), ("stale", (wrong & changed & (ids == prev)).sum()),
+                               ("placed_frames", placed.sum()), ("placed_wrong", (wrong & placed[..., None, None]).sum()),
+                               ("unusual", unusual.sum()), ("wrong_unusual", (wrong & unusual).sum()),
+                               ("usual_drawn", (wrong & unusual & (ids == at_place)).sum())):
                 tile_sums[key] += int(value)
         recon_mse.append((recon - frames).pow(2).mean((-3, -2, -1)).flatten().cpu())
         scenes.append(scene_of(batch).flatten())
@@ -237,7 +276,11 @@ def evaluate_checkpoint(path: Path, ds, train_starts, scored_starts, args, devic
         recon_tiles = {"wrong_per_frame": t["wrong"] / t["frames"], "frames_all_right": t["frames_right"] / t["frames"],
                        "changed_per_frame": t["changed"] / t["frames"],
                        "wrong_on_changes": t["wrong_changed"] / max(t["wrong"], 1),
-                       "stale_of_wrong_changes": t["stale"] / max(t["wrong_changed"], 1)}
+                       "stale_of_wrong_changes": t["stale"] / max(t["wrong_changed"], 1),
+                       "frames_at_training_places": t["placed_frames"] / t["frames"],
+                       "unusual_per_frame": t["unusual"] / max(t["placed_frames"], 1),
+                       "wrong_on_unusual": t["wrong_unusual"] / max(t["placed_wrong"], 1),
+                       "usual_of_wrong_unusual": t["usual_drawn"] / max(t["wrong_unusual"], 1)}
     return {
         "checkpoint": str(path), "preset": wm.cfg.preset, "parameters": sum(p.numel() for p in wm.parameters()),
         "sequences": count, "quiet_sequences": quiet_count, "context": C, "recon_psnr": psnr(recon_mse.mean()).item(),
@@ -260,6 +303,10 @@ TILE_ROWS = (  # tiles models only: the posterior's most likely tile per cell ag
     ("changed_per_frame", "tiles per frame that moved against the background (the frames', scroll undone)"),
     ("wrong_on_changes", "posterior: share of its wrong tiles on those moved cells"),
     ("stale_of_wrong_changes", "posterior: share of its wrong moved cells showing the previous frame's tile"),
+    ("frames_at_training_places", "frames at a place (map, x, y, battle) of the training episodes (fraction)"),
+    ("unusual_per_frame", "... their tiles per frame unlike the place's usual one (the training frames' most common)"),
+    ("wrong_on_unusual", "posterior: share of its wrong tiles there on those unusual cells"),
+    ("usual_of_wrong_unusual", "posterior: share of its wrong unusual cells showing the place's usual tile"),
 )
 
 
@@ -378,7 +425,9 @@ def main(argv=None):
             print(f"{label}: posterior tiles: {tiles['wrong_per_frame']:.2f} wrong per frame, "
                   f"{tiles['frames_all_right']:.3f} of frames all right; {tiles['wrong_on_changes']:.3f} of the wrong "
                   f"tiles on cells that moved against the background, {tiles['stale_of_wrong_changes']:.3f} of those "
-                  f"showing the previous frame's tile", flush=True)
+                  f"showing the previous frame's tile; {tiles['wrong_on_unusual']:.3f} of the wrong tiles (at training "
+                  f"places) on the {tiles['unusual_per_frame']:.2f} cells per frame unlike the place's usual tile, "
+                  f"{tiles['usual_of_wrong_unusual']:.3f} of those showing the usual tile", flush=True)
         print(f"{label}: reconstruction by scene: " + "; ".join(
             f"{scene} {scene_cell(v)}" for scene, v in results[label]["recon_by_scene"].items()), flush=True)
     out = Path(args.out_dir)

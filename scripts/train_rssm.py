@@ -13,6 +13,7 @@ epoch end; holds optimizer, RNG states and data position for --resume).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -204,6 +205,31 @@ def fit_tiles(wm: WorldModel, ds: PokemonDataset, train_starts: np.ndarray, verb
               f"({time.perf_counter() - began:.1f} s)", flush=True)
 
 
+class WeightAverage:
+    """An exponential moving average of a model's parameters (RSSMConfig.ema_decay), and a way to use it."""
+
+    def __init__(self, wm: WorldModel, decay: float):
+        self.params, self.decay = [p for p in wm.parameters()], decay
+        self.average = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        torch._foreach_lerp_(self.average, [p.detach() for p in self.params], 1.0 - self.decay)
+
+    @contextlib.contextmanager
+    @torch.no_grad()
+    def applied(self):
+        """Inside: the model's parameters hold the average (copied in, so that each one's version moves on)."""
+        trained = [p.detach().clone() for p in self.params]
+        for p, a in zip(self.params, self.average):
+            p.copy_(a)
+        try:
+            yield
+        finally:
+            for p, t in zip(self.params, trained):
+                p.copy_(t)
+
+
 def nonfinite_losses(total, losses: dict) -> list[str]:
     bad = [k for k, v in losses.items() if not torch.isfinite(v).item()]
     return bad or ([] if torch.isfinite(total).item() else ["total"])
@@ -276,6 +302,11 @@ def main(argv=None):
         checkpoint.set_rng_state(extra["rng"])
         if main_process:
             drop_later_records(out_dir / "metrics.jsonl", step)
+    average = WeightAverage(wm, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    if average is not None and resume is not None:
+        for a, saved in zip(average.average, resume["extra"]["weight_average"]):
+            a.copy_(saved)
+    averaged = average.applied if average is not None else contextlib.nullcontext  # what is validated and saved
     tile_ids = None
     if wm.tiles is not None:  # every frame's tile ids once, so that training steps skip tokenizing
         began = time.perf_counter()
@@ -304,11 +335,12 @@ def main(argv=None):
         })
 
     def save_latest(epoch: int, batch_in_epoch: int) -> None:
-        checkpoint.save_checkpoint(
-            latest_path, kind="rssm", config=cfg.to_dict(), model_state=wm.state_dict(),
-            optimizer_state=optimizer.state_dict(), step=step,
-            extra={"epoch": epoch, "batch_in_epoch": batch_in_epoch, "best_val": best_val,
-                   "history": log.history, "rng": checkpoint.rng_state(), "run_config": vars(args)})
+        extra = {"epoch": epoch, "batch_in_epoch": batch_in_epoch, "best_val": best_val,
+                 "history": log.history, "rng": checkpoint.rng_state(), "run_config": vars(args)}
+        if average is not None:
+            extra["weight_average"] = average.average
+        checkpoint.save_checkpoint(latest_path, kind="rssm", config=cfg.to_dict(), model_state=wm.state_dict(),
+                                   optimizer_state=optimizer.state_dict(), step=step, extra=extra)
 
     def save_weights(path: Path, epoch: int, metrics: dict) -> None:
         checkpoint.save_checkpoint(path, kind="rssm", config=cfg.to_dict(), model_state=wm.state_dict(), step=step,
@@ -361,6 +393,8 @@ def main(argv=None):
             total.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(wm.parameters(), cfg.grad_clip)
             optimizer.step()
+            if average is not None:
+                average.update()
             step += 1
             dt = time.perf_counter() - t0
             epoch_time += dt
@@ -379,7 +413,7 @@ def main(argv=None):
                                 "perf/frames_per_s": frames_per_batch / dt},
                                epoch_end=False)
                 if args.val_every and step % args.val_every == 0 and len(val_starts):
-                    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), averaged():
                         val = evaluate(wm, ds, val_starts, args.batch_size, args.val_batches, device)
                     log.record({"step": step, "epoch": epoch + 1, "eval/psnr_during": val["psnr"],
                                 "loss/val_during": val["loss"], "perf/train_s": train_seconds}, epoch_end=False)
@@ -397,25 +431,26 @@ def main(argv=None):
                       "loss/train_reward": mean.get("reward_mse", float("nan")),
                       "perf/frames_per_s": frames_per_batch * seen / max(epoch_time, 1e-9),
                       "perf/elapsed_s": time.perf_counter() - started}
-            if len(val_starts):
-                val = evaluate(wm, ds, val_starts, args.batch_size, args.val_batches, device)
-                record.update({"loss/val": val["loss"], "loss/val_recon": val["recon"], "loss/val_kl": val["kl"],
-                               "loss/val_reward": val["reward"], "eval/psnr": val["psnr"]})
-                if "loss_place" in val:  # place heads: their validation cross-entropy (posterior + open loop)
-                    record["loss/val_place"] = val["loss_place"]
-                score = val["loss"]
-                save_reconstructions(wm, ds, val_starts, out_dir / f"reconstruction_epoch_{epoch + 1:03d}.png", device)
-            else:  # no validation episodes: score on training windows (a resumed epoch may have run no batch here)
-                score = evaluate(wm, ds, train_starts, args.batch_size, args.val_batches, device)["loss"]
-                save_reconstructions(wm, ds, train_starts, out_dir / f"reconstruction_epoch_{epoch + 1:03d}.png", device)
-            if not completed:
-                record["stopped"] = "time budget"
-            log.record(record)
-            if score < best_val:
-                best_val = score
-                save_weights(out_dir / "best_world_model.pt", epoch + 1, record)
-            if completed and (epoch + 1) % args.save_interval == 0:
-                save_weights(out_dir / f"world_model_epoch_{epoch + 1:03d}.pt", epoch + 1, record)
+            with averaged():  # a weight average, where one is kept, is what is validated and saved as a model
+                if len(val_starts):
+                    val = evaluate(wm, ds, val_starts, args.batch_size, args.val_batches, device)
+                    record.update({"loss/val": val["loss"], "loss/val_recon": val["recon"], "loss/val_kl": val["kl"],
+                                   "loss/val_reward": val["reward"], "eval/psnr": val["psnr"]})
+                    if "loss_place" in val:  # place heads: their validation cross-entropy (posterior + open loop)
+                        record["loss/val_place"] = val["loss_place"]
+                    score = val["loss"]
+                    save_reconstructions(wm, ds, val_starts, out_dir / f"reconstruction_epoch_{epoch + 1:03d}.png", device)
+                else:  # no validation episodes: score on training windows (a resumed epoch may have run no batch here)
+                    score = evaluate(wm, ds, train_starts, args.batch_size, args.val_batches, device)["loss"]
+                    save_reconstructions(wm, ds, train_starts, out_dir / f"reconstruction_epoch_{epoch + 1:03d}.png", device)
+                if not completed:
+                    record["stopped"] = "time budget"
+                log.record(record)
+                if score < best_val:
+                    best_val = score
+                    save_weights(out_dir / "best_world_model.pt", epoch + 1, record)
+                if completed and (epoch + 1) % args.save_interval == 0:
+                    save_weights(out_dir / f"world_model_epoch_{epoch + 1:03d}.pt", epoch + 1, record)
             if completed:
                 save_latest(epoch + 1, 0)
             else:

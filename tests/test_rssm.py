@@ -129,6 +129,41 @@ def test_decoder_slots_put_one_appearance_on_the_cell_their_softmaxes_pick():
         RSSMConfig.from_preset("tiny", decoder_slots=-1)
 
 
+def test_local_latents_read_and_draw_their_own_cell():
+    """local_latents: the last 90 of the latents belong to the 9 x 10 cells of the coarse grid; a cell's posterior
+    reads that cell of the embedding alone (with h), and the decoder's coarse grid takes it at that cell alone; the
+    rest of the model (KL, prior, training) sees stoch latents as before."""
+    torch.manual_seed(0)
+    cfg = tiles_config(stoch=94, local_latents=True)
+    assert cfg.local_cells() == 90 and cfg.coarse_grid() == (16, 9, 10)
+    wm = WorldModel(cfg)
+    rssm, dec, classes = wm.rssm, wm.decoder, cfg.classes
+    embed = torch.randn(3, wm.encoder.out_dim)  # the encoder's grid, flat and channel-major: (16, 9 x 10)
+    h = torch.randn(3, cfg.deter)
+    moved = embed.clone().view(3, 16, 90)
+    moved[:, :, 37] += 1.0  # one cell of the grid changes (row 3, column 7)
+    moved = moved.flatten(1)
+    with torch.no_grad():
+        before, after = (rssm.posterior(h, rssm.post_embed_in(e)) for e in (embed, moved))
+        assert before.shape == (3, 94, classes)
+        changed = (before - after).abs().amax((0, 2)) > 1e-6  # which latents moved
+        assert changed[4 + 37] and not changed[4:4 + 37].any() and not changed[4 + 38:].any()
+        feat = torch.cat([h, rssm.sample(before, False)], -1)
+        other = feat.clone()
+        local = other[:, -90 * classes:].view(3, 90, classes)
+        local[:, 52] = torch.roll(local[:, 52], 1, -1)  # cell 52 (row 5, column 2) shows another class
+        diff = (dec.coarse(feat) - dec.coarse(other)).abs().amax((0, 1))  # (9, 10)
+        assert diff[5, 2] > 0 and (diff > 0).sum() == 1
+    total, _, _, states = wm(None, torch.randint(0, 8, (2, 3)), torch.zeros(2, 3), torch.ones(2, 3),
+                             tile_ids=torch.randint(0, 64, (2, 3, 18, 20)), frame_metrics=False)
+    total.backward()
+    assert states["post_logp"].shape == (2, 3, 94, classes) and rssm.post_local[-1].weight.grad.abs().sum() > 0
+    assert dec.local.weight.grad.abs().sum() > 0
+    for bad in (dict(stoch=90), dict(stoch=94, embed_dim=32)):
+        with pytest.raises(ValueError, match="local_latents"):
+            tiles_config(local_latents=True, **bad)
+
+
 def test_embed_dropout_hides_whole_cells_in_training_only():
     torch.manual_seed(0)
     plain, masked = WorldModel(tiles_config()), WorldModel(tiles_config(embed_dropout=0.25))
@@ -410,7 +445,8 @@ def test_reprojected_imagination_feeds_back_the_posterior_of_its_own_decoded_fra
 @pytest.mark.parametrize("preset, overrides, tie", [
     ("default", {}, False), ("default", {"gru_blocks": 1}, False), ("default", {}, True),
     ("default", {"prior_layers": 0}, False), ("default", {"prior_layers": 2}, False),
-    ("pixels", {"gru_blocks": 1}, False), ("faithful", {}, False), ("tiny", {}, False)])
+    ("pixels", {"gru_blocks": 1}, False), ("faithful", {}, False), ("tiny", {}, False),
+    ("default", {"local_latents": True, "stoch": 122}, False)])
 def test_greedy_rollout_equals_the_plain_prior_loop(preset, overrides, tie, fused):
     """RSSM.greedy_rollout, in fused.cpp's loop (every preset but faithful) and in torch's, against
     img_step in a loop."""
@@ -802,7 +838,34 @@ def test_train_rssm_fits_the_tile_codebook_and_resume_keeps_it(data_dir, tmp_pat
     assert tiles_row["wrong_per_frame"] == pytest.approx(wrong.sum((-2, -1)).mean().item())
     assert tiles_row["frames_all_right"] == pytest.approx((wrong.sum((-2, -1)) == 0).float().mean().item())
     assert 0 <= tiles_row["wrong_on_changes"] <= 1 and 0 <= tiles_row["stale_of_wrong_changes"] <= 1
+    for key in ("frames_at_training_places", "wrong_on_unusual", "usual_of_wrong_unusual"):
+        assert 0 <= tiles_row[key] <= 1, key
+    assert tiles_row["unusual_per_frame"] >= 0
     assert "wrong tiles per frame" in (tmp_path / "eval" / "results.md").read_text()
+    assert "unlike the place's usual one" in (tmp_path / "eval" / "results.md").read_text()
+
+
+def test_usual_tiles_are_each_places_most_common_tile(data_dir):
+    """evaluate_rssm.usual_tiles against a count by hand: per place (map, x, y, battle) of the rows given, each
+    cell's most common tile id (a tie to the larger id); places of other rows are not in it."""
+    from collections import Counter
+
+    from dataset import PokemonDataset
+    from tiles import TileCodebook
+
+    evaluate = load_script("evaluate_rssm")
+    ds = PokemonDataset(data_dir, seq_len=4)
+    book = TileCodebook(64, ds.resolution)
+    book.fit(ds.obs)
+    ids = book.tokenize_uint8(ds.obs)
+    rows = np.arange(0, len(ds.obs), 3)
+    places, usual = evaluate.usual_tiles(ds, rows, ids, 64)
+    keys = evaluate.place_keys(ds, rows)
+    assert np.array_equal(places, np.unique(keys)) and usual.shape == (len(places), 18 * 20)
+    assert len(places) > 5  # the test data walks somewhere
+    for index, key in enumerate(places):
+        counts = [Counter(column) for column in ids[torch.from_numpy(rows[keys == key])].flatten(1).T.tolist()]
+        assert usual[index].tolist() == [max(c, key=lambda t: (c[t], t)) for c in counts]
 
 
 def test_split_seed_keeps_the_held_out_episodes_of_another_seed(data_dir, tmp_path):
@@ -949,11 +1012,15 @@ def test_weight_decay_shrinks_matrices_and_kernels_only():
     assert any(p.ndim >= 2 for p in wm.parameters()) and any(p.ndim < 2 for p in wm.parameters())
     with pytest.raises(ValueError, match="weight_decay"):
         RSSMConfig.from_preset("tiny", weight_decay=-1.0)
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="ema_decay"):
+            RSSMConfig.from_preset("tiny", ema_decay=bad)
 
 
 def test_kill_and_resume_equals_an_uninterrupted_run(data_dir, tmp_path):
+    """... with a weight average kept (ema_decay), resumed too, and what the saved models hold."""
     args = ["--data-dir", data_dir, *TINY_TRAIN, "--epochs", 2, "--steps-per-epoch", 8, "--checkpoint-every", 2,
-            "--set", "lr_schedule=cosine"]  # the cosine schedule follows the step after a resume
+            "--set", "lr_schedule=cosine", "--set", "ema_decay=0.5", "--save-interval", 1]  # cosine: follows the step
     script = [sys.executable, str(REPO / "scripts" / "train_rssm.py"), *map(str, args), "--out-dir"]
     straight = subprocess.Popen([*script, str(tmp_path / "straight")], cwd=REPO, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True)  # runs alongside the one we kill
@@ -978,6 +1045,13 @@ def test_kill_and_resume_equals_an_uninterrupted_run(data_dir, tmp_path):
     assert a["step"] == b["step"] == 16
     for key, value in a["model_state"].items():
         torch.testing.assert_close(b["model_state"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+    names = [name for name, _ in checkpoint.build_model(a).named_parameters()]
+    assert len(a["extra"]["weight_average"]) == len(names)
+    saved = checkpoint.load_checkpoint(tmp_path / "straight" / "world_model_epoch_002.pt")["model_state"]
+    for name, mine, theirs in zip(names, a["extra"]["weight_average"], b["extra"]["weight_average"]):
+        torch.testing.assert_close(theirs, mine, rtol=1e-5, atol=1e-6, msg=name)
+        assert torch.equal(saved[name], mine), name  # the saved model is the average, not the weights trained
+    assert any(not torch.equal(saved[n], a["model_state"][n]) for n in names)
     records = [json.loads(line) for line in (killed_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in records]
     assert steps == sorted(steps), "records written after the checkpoint were kept on resume"
