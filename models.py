@@ -678,8 +678,7 @@ class Encoder(nn.Module):
                 layers += [_conv_norm(cfg.conv_norm, out), _ACTIVATIONS[cfg.conv_act]()]
             channels = out
         self.convs = nn.Sequential(*layers)
-        factor = math.prod(cfg.conv_strides)
-        self.grid = (channels, cfg.image_size[0] // factor, cfg.image_size[1] // factor)  # e.g. (256, 9, 10)
+        self.grid = cfg.coarse_grid()  # e.g. (256, 9, 10)
         flat = math.prod(self.grid)
         self.fc = nn.Linear(flat, cfg.embed_dim) if cfg.embed_dim else nn.Identity()
         self.out_dim = cfg.embed_dim or flat
@@ -868,14 +867,14 @@ class RSSM(nn.Module):
         self.prior_net = mlp(cfg.deter, cfg.hidden, cfg.prior_layers, latent, norm=cfg.mlp_norm, act=cfg.mlp_act)
         # posterior MLP on [h, embed]; its first layer is split in two so that the embedding half runs
         # once for all T frames (`post_embed_in`) and only the h half runs inside the time loop
-        self.post_embed_in = nn.Linear(embed_dim, cfg.hidden)
-        self.post_h_in = nn.Linear(cfg.deter, cfg.hidden, bias=False)
         self.local_cells = cfg.local_cells()
+        channels = cfg.coarse_grid()[0]
+        self.post_embed_in = (LocalEmbedIn(embed_dim, cfg.hidden, channels) if self.local_cells
+                              else nn.Linear(embed_dim, cfg.hidden))
+        self.post_h_in = nn.Linear(cfg.deter, cfg.hidden, bias=False)
         self.post_net = nn.Sequential(_mlp_norm(cfg.mlp_norm, cfg.hidden), _ACTIVATIONS[cfg.mlp_act](),
                                       nn.Linear(cfg.hidden, latent - self.local_cells * cfg.classes))
         if self.local_cells:  # local latents: each cell's posterior reads its own channels and h
-            channels = cfg.coarse_grid()[0]
-            self.post_embed_in = LocalEmbedIn(embed_dim, cfg.hidden, channels)
             self.post_local_h = nn.Linear(cfg.deter, channels, bias=False)
             self.post_local = nn.Sequential(_mlp_norm(cfg.mlp_norm, channels), _ACTIVATIONS[cfg.mlp_act](),
                                             nn.Linear(channels, cfg.classes))
