@@ -1,13 +1,13 @@
 // The project's two hottest CPU loops in C++, built on first use by fused.py: the greedy prior rollout (imagination)
-// and the tile cross-entropy (training).
+// and the tile cross-entropy (training, below).
 //
 // The greedy prior rollout (models.RSSM.greedy_rollout) as one C++ loop, CPU and float32 only.
 // The batch is cut in tiles of `tile` rows; each thread rolls its tiles through the whole horizon on its own, its
 // matrix products single-threaded (the prior's through oneDNN with weights packed once, the GRU's through ATen, so
 // MKL in torch's x86 build: the faster of the two for each, measured), and between two products one pass over
 // each row does all the rest: the input table's sums, biases, norms, activations, GRU gates, the most likely
-// classes. No thread waits for another until the end, and a tile's buffers stay in its core's cache. Built on
-// first use by fused.py; the same states as the torch loop to float tolerance (tests/test_rssm.py).
+// classes. No thread waits for another until the end, and a tile's buffers stay in its core's cache. The same
+// states as the torch loop to float tolerance (tests/test_rssm.py).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -328,9 +328,8 @@ const float* floats(const at::Tensor& t, const char* name) {
 
 // ---- the tile cross-entropy (models.WorldModel.forward's reconstruction loss of a tiles model) ----
 // One pass over each row of logits gives its loss and its gradient (softmax - one-hot), the gradient kept in the
-// logits' own type until the backward scales it in place: where torch's cross-entropy under autocast copies the
-// bfloat16 logits to float32, keeps their log-softmax, fills a one-hot and makes the gradient in float32 and then
-// bfloat16, five passes over float32 arrays of the logits' size.
+// logits' own type until the backward scales it in place (torch's cross-entropy under autocast copies the bfloat16
+// logits to float32, keeps their log-softmax and makes the gradient in float32 before casting it back).
 
 // 16 values of a row as floats, and back (bfloat16: the high half of a float's bits, rounded to nearest even)
 inline Vec16 load16(const c10::BFloat16* p) {

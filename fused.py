@@ -121,17 +121,17 @@ def _weights(rssm) -> tuple:
     weights, biases = [m.weight.t() for m in layers], [m.bias for m in layers]  # each (in, out)
     class_major = torch.arange(cfg.stoch * cfg.classes).view(cfg.stoch, cfg.classes).t().flatten()
     weights[-1], biases[-1] = weights[-1][:, class_major], biases[-1][class_major]  # outputs (C, S)
-    ready = lambda t: t.detach().float().contiguous()  # noqa: E731
+    plain = lambda t: t.detach().float().contiguous()  # noqa: E731
     with torch.no_grad():
-        weights = [ready(w) for w in weights]
+        weights = [plain(w) for w in weights]
         try:  # oneDNN's layout of each prior layer for whole tiles: its products are faster than MKL's there
             reorder = torch.ops.mkldnn._reorder_linear_weight
             packed = [reorder(w.t().contiguous(), TILE) for w in weights] if ONEDNN else []
         except (AttributeError, RuntimeError, NotImplementedError):  # a torch without oneDNN: MKL's / ATen's alone
             packed = []
-        prepared = (ready(table), ready(in_bias), ready(in_norm.weight), ready(in_norm.bias), ready(block_weight),
-                    ready(cell.norm.weight), ready(cell.norm.bias), weights, [ready(b) for b in biases],
-                    [ready(m.weight) for m in norms], [ready(m.bias) for m in norms], packed, cfg.stoch,
+        prepared = (plain(table), plain(in_bias), plain(in_norm.weight), plain(in_norm.bias), plain(block_weight),
+                    plain(cell.norm.weight), plain(cell.norm.bias), weights, [plain(b) for b in biases],
+                    [plain(m.weight) for m in norms], [plain(m.bias) for m in norms], packed, cfg.stoch,
                     cfg.classes, eps.pop(), TILE)
     rssm._fused_weights = (key, prepared)
     return prepared

@@ -14,8 +14,8 @@ Measured, each in its own forked process (so its peak RSS is its own and one can
                        for a tiles model; forward without frame metrics, backward, grad clip, fused Adam),
                        in a process started the way train_rssm.py starts (checkpoint.keep_freed_memory);
                        for a tiles preset (default) where fused.cpp is built, in turns step by step with the same
-                       step on torch's cross-entropy (train_<preset>_torch_loss_beside, ratio
-                       train_<preset>_fused_vs_torch_loss)
+                       step on torch's cross-entropy (train_<preset>_torch_loss_beside; ratio
+                       train_<preset>_torch_loss_vs_plain, < 1 where fused.cpp's loss is faster)
   train_faithful_original   the ORIGINAL's training loop (`original_batch`, `original_forward`) on the same
                        faithful model (NCHW, the allocator untouched) in a process of its own, its steps
                        INTERLEAVED with train_faithful's (the two take turns, step by step)
@@ -897,10 +897,6 @@ def run(args) -> dict:
             ratios[f"imagine_{preset}_fused_vs_torch_loop"] = ratio(
                 results[f"imagine_{preset}"], results[f"imagine_{preset}_torch_loop"], None,
                 "fused.cpp's greedy rollout / the same in torch's loop, in turns")
-    if "train_default_torch_loss" in results:
-        ratios["train_default_fused_vs_torch_loss"] = ratio(
-            results["train_default_torch_loss_beside"], results["train_default_torch_loss"], None,
-            "training step with fused.cpp's tile cross-entropy / with torch's, in turns step by step")
     for name in IMAGINATION_VARIANTS:
         if f"imagine_default_{name}" in results:
             ratios[f"imagine_default_vs_{name}"] = ratio(results["imagine_default"], results[f"imagine_default_{name}"],

@@ -197,7 +197,7 @@ def evaluate_checkpoint(path: Path, ds, train_starts, scored_starts, args, devic
                                "placed_wrong", "unusual", "wrong_unusual", "usual_drawn"), 0)
     windows = evenly(scored_starts, args.max_sequences)
     steps_in_window = np.arange(C + K)
-    if wm.tiles is not None:  # each training place's usual frame (its own codebook's ids)
+    if wm.tiles is not None:  # every frame's tile ids (its own codebook's) and each training place's usual frame
         all_ids = wm.tiles.tokenize_uint8(ds.obs)
         places, usual = usual_tiles(ds, np.unique(train_starts[:, None] + steps_in_window), all_ids, wm.cfg.tile_vocab)
     for i in tqdm(range(0, len(windows), args.batch_size), desc=f"imagining ({path.name})", unit="batch"):
@@ -232,11 +232,12 @@ def evaluate_checkpoint(path: Path, ds, train_starts, scored_starts, args, devic
             recon = imagination.decode(wm, ctx["feat"])
         else:  # which tiles the posterior gets wrong: do they move, does it show the last frame's?
             recon, ids = imagination.decode(wm, ctx["feat"], tile_ids=True)
-            true = wm.tiles.tokenize(frames.flatten(0, 1)).view(ids.shape)
+            rows = windows[i:i + args.batch_size][:, None] + steps_in_window  # (B, T) frame rows
+            true = all_ids[torch.from_numpy(rows)].long().to(ids.device)  # the frames' tile ids, made once above
             prev = aligned_previous(true)
             wrong, changed = ids != true, sprite_changes(true, prev)
             # against the place's usual frame, on frames at places of the training episodes
-            keys = place_keys(ds, windows[i:i + args.batch_size][:, None] + steps_in_window)  # (B, T)
+            keys = place_keys(ds, rows)  # (B, T)
             index = np.minimum(np.searchsorted(places, keys), len(places) - 1)
             placed = torch.from_numpy(places[index] == keys)  # (B, T)
             at_place = torch.from_numpy(usual[index]).view(ids.shape)

@@ -209,7 +209,7 @@ class WeightAverage:
     """An exponential moving average of a model's parameters (RSSMConfig.ema_decay), and a way to use it."""
 
     def __init__(self, wm: WorldModel, decay: float):
-        self.params, self.decay = [p for p in wm.parameters()], decay
+        self.params, self.decay = list(wm.parameters()), decay
         self.average = [p.detach().clone() for p in self.params]
 
     @torch.no_grad()
