@@ -381,6 +381,11 @@ class RSSMConfig:
     # character standing anywhere is one latent at its place; the prior still predicts every latent from h.
     # Needs embed_dim 0 (the embedding is the grid) and stoch > cells; False: every latent global
     local_latents: bool = False
+    local_per_cell: int = 1  # local latents only: how many of them each cell has (the cell's ones adjacent)
+    # local latents only: False: the GRU reads the global latents and the action alone, so that the local latents
+    # describe the frame the posterior sees, and imagination's state never reads the prior's guesses of them (its
+    # rows of the input layer are zeros in `_input_table`); True: the GRU reads every latent
+    local_in_state: bool = True
     hidden: int = 256  # width of the prior / posterior / input MLPs
     prior_layers: int = 1  # hidden layers of the prior MLP on h (0: the prior's logits are one linear layer of h)
     gru: str = "layernorm"  # "torch": nn.GRUCell on [z, action]; "layernorm": input MLP, then a LayerNorm GRU
@@ -484,8 +489,12 @@ class RSSMConfig:
         return self.conv_channels[-1], self.image_size[0] // factor, self.image_size[1] // factor
 
     def local_cells(self) -> int:
-        """How many of the `stoch` latents are local (`local_latents`): one per coarse grid cell, or 0."""
-        return self.coarse_grid()[1] * self.coarse_grid()[2] if self.local_latents else 0
+        """How many of the `stoch` latents are local (`local_latents`): `local_per_cell` per coarse grid cell, or 0."""
+        return self.coarse_grid()[1] * self.coarse_grid()[2] * self.local_per_cell if self.local_latents else 0
+
+    def state_latents(self) -> int:
+        """How many of the `stoch` latents the GRU reads (`local_in_state`): the first ones, all but the local."""
+        return self.stoch if self.local_in_state else self.stoch - self.local_cells()
 
     def validate(self) -> None:
         choices = {
@@ -513,6 +522,10 @@ class RSSMConfig:
         if self.local_latents and (self.embed_dim or self.stoch <= self.local_cells()):
             raise ValueError(f"RSSMConfig.local_latents needs embed_dim 0 and stoch above the {self.local_cells()} "
                              f"cells of the coarse grid (stoch={self.stoch}, embed_dim={self.embed_dim})")
+        if self.local_per_cell < 1:
+            raise ValueError(f"RSSMConfig.local_per_cell={self.local_per_cell} must be >= 1")
+        if not self.local_in_state and not self.local_latents:
+            raise ValueError("RSSMConfig.local_in_state=False applies to local_latents=True only")
         if self.decoder_slots < 0:
             raise ValueError(f"RSSMConfig.decoder_slots={self.decoder_slots} must be >= 0")
         if self.decoder_blocks < 0 or self.decoder_hidden < 0:
@@ -708,7 +721,7 @@ class Decoder(nn.Module):
         self.grid = grid
         self.local_width = cfg.local_cells() * cfg.classes  # the local latents: the features' last columns
         # the local latents reach the grid through `local` alone, each on its own cell
-        self.local = nn.Linear(cfg.classes, grid[0]) if self.local_width else None
+        self.local = nn.Linear(cfg.local_per_cell * cfg.classes, grid[0]) if self.local_width else None
         feat = cfg.deter + cfg.stoch * cfg.classes - self.local_width
         if cfg.decoder_hidden:
             self.fc = nn.Sequential(nn.Linear(feat, cfg.decoder_hidden), _mlp_norm(cfg.mlp_norm, cfg.decoder_hidden),
@@ -762,7 +775,7 @@ class Decoder(nn.Module):
         if self.local is not None:
             feat, local = feat[..., :-self.local_width], feat[..., -self.local_width:]
         x = self.fc(feat).view(-1, *self.grid)
-        if local is not None:  # (N, cells, classes) -> each cell's channels
+        if local is not None:  # (N, cells, local_per_cell x classes) -> each cell's channels
             x = x + self.local(local.unflatten(-1, (-1, self.local.in_features))).transpose(1, 2).view_as(x)
         if self.slots is not None:
             x = x + self.slot_grid(feat)
@@ -858,27 +871,28 @@ class RSSM(nn.Module):
         super().__init__()
         self.cfg = cfg
         latent = cfg.stoch * cfg.classes
+        self.state_width = cfg.state_latents() * cfg.classes  # the GRU reads z's first columns
         if cfg.gru == "torch":
             self.img_in = nn.Identity()
-            self.cell = nn.GRUCell(latent + cfg.num_actions, cfg.deter)
+            self.cell = nn.GRUCell(self.state_width + cfg.num_actions, cfg.deter)
         else:
-            self.img_in = nn.Sequential(nn.Linear(latent + cfg.num_actions, cfg.hidden),
+            self.img_in = nn.Sequential(nn.Linear(self.state_width + cfg.num_actions, cfg.hidden),
                                         _mlp_norm(cfg.mlp_norm, cfg.hidden), _ACTIVATIONS[cfg.mlp_act]())
             self.cell = NormGRUCell(cfg.hidden, cfg.deter, blocks=cfg.gru_blocks)
         self.prior_net = mlp(cfg.deter, cfg.hidden, cfg.prior_layers, latent, norm=cfg.mlp_norm, act=cfg.mlp_act)
         # posterior MLP on [h, embed]; its first layer is split in two so that the embedding half runs
         # once for all T frames (`post_embed_in`) and only the h half runs inside the time loop
-        self.local_cells = cfg.local_cells()
+        self.local_cells = cfg.local_cells() // cfg.local_per_cell  # cells of the coarse grid with local latents
         channels = cfg.coarse_grid()[0]
         self.post_embed_in = (LocalEmbedIn(embed_dim, cfg.hidden, channels) if self.local_cells
                               else nn.Linear(embed_dim, cfg.hidden))
         self.post_h_in = nn.Linear(cfg.deter, cfg.hidden, bias=False)
         self.post_net = nn.Sequential(_mlp_norm(cfg.mlp_norm, cfg.hidden), _ACTIVATIONS[cfg.mlp_act](),
-                                      nn.Linear(cfg.hidden, latent - self.local_cells * cfg.classes))
+                                      nn.Linear(cfg.hidden, latent - cfg.local_cells() * cfg.classes))
         if self.local_cells:  # local latents: each cell's posterior reads its own channels and h
             self.post_local_h = nn.Linear(cfg.deter, channels, bias=False)
             self.post_local = nn.Sequential(_mlp_norm(cfg.mlp_norm, channels), _ACTIVATIONS[cfg.mlp_act](),
-                                            nn.Linear(channels, cfg.classes))
+                                            nn.Linear(channels, cfg.local_per_cell * cfg.classes))
 
     def initial(self, batch: int, device=None):
         """Zero state (h, z): (B, D), (B, S)."""
@@ -912,7 +926,7 @@ class RSSM(nn.Module):
     def deter_step(self, h, z, action):
         """One GRU step: (B, D), (B, S), (B,) int actions -> (B, D)."""
         a = F.one_hot(action.long(), self.cfg.num_actions).to(z.dtype)
-        return self.cell(self.img_in(torch.cat([z, a], -1)), h)
+        return self.cell(self.img_in(torch.cat([z[..., :self.state_width], a], -1)), h)
 
     def img_step(self, h, z, action, sample: bool | None = None):
         """Prior step: -> next h (B, D), z (B, S), prior log-probs (B, stoch, classes)."""
@@ -922,10 +936,14 @@ class RSSM(nn.Module):
         return h, self.sample(logp, sample), logp
 
     def _input_table(self):
-        """The first input layer's weights as rows: (S + A, out) for one-hot [z, a] inputs, and its bias."""
+        """The first input layer's weights as rows: (S + A, out) for one-hot [z, a] inputs (zero rows for latents the
+        GRU does not read), and its bias."""
         layer = self.cell if self.cfg.gru == "torch" else self.img_in[0]
         weight, bias = (layer.weight_ih, layer.bias_ih) if self.cfg.gru == "torch" else (layer.weight, layer.bias)
-        return weight.t().contiguous(), bias
+        rows, unread = weight.t(), self.cfg.stoch * self.cfg.classes - self.state_width
+        if unread:
+            rows = torch.cat([rows[:self.state_width], rows.new_zeros(unread, rows.shape[1]), rows[self.state_width:]])
+        return rows.contiguous(), bias
 
     def greedy_rollout(self, h, z, actions):
         """The prior alone following each latent's most likely class, for inference (no gradients, no

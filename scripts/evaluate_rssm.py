@@ -252,7 +252,7 @@ def evaluate_checkpoint(path: Path, ds, train_starts, scored_starts, args, devic
         recon_mse.append((recon - frames).pow(2).mean((-3, -2, -1)).flatten().cpu())
         scenes.append(scene_of(batch).flatten())
         e, a = probe_scores(probe, ctx["feat"].cpu(), batch["xs"].float(), batch["ys"].float(), batch["map_ids"])
-        post_err.append(e.flatten()), post_acc.append(a.flatten())
+        post_err.append(e), post_acc.append(a.flatten())  # e: (B, T), by frame of the window
     # PSNR of the mean squared error over all frames: exactly predicted frames (likely with tile tokens)
     # cannot inflate it the way a mean of per-frame PSNRs would
     steps = [{"k": k + 1, **{name: (v[k] / count).item() for name, v in sums.items()}} for k in range(K)]
@@ -271,6 +271,7 @@ def evaluate_checkpoint(path: Path, ds, train_starts, scored_starts, args, devic
         by_scene[name] = {"frames": int(len(picked)),
                           "psnr": psnr(picked.mean()).item() if len(picked) else None,
                           "error_share": (picked.sum() / recon_mse.sum().clamp(min=1e-12)).item()}
+    post_err = torch.cat(post_err)  # (windows, C + K)
     recon_tiles = None
     if tile_sums["frames"]:
         t = tile_sums
@@ -287,7 +288,10 @@ def evaluate_checkpoint(path: Path, ds, train_starts, scored_starts, args, devic
         "sequences": count, "quiet_sequences": quiet_count, "context": C, "recon_psnr": psnr(recon_mse.mean()).item(),
         "recon_exact_frames": (recon_mse == 0).float().mean().item(), "recon_by_scene": by_scene,
         "recon_tiles": recon_tiles,
-        "posterior_tile_error": torch.cat(post_err).mean().item(), "posterior_map_acc": torch.cat(post_acc).mean().item(),
+        "posterior_tile_error": post_err.mean().item(), "posterior_map_acc": torch.cat(post_acc).mean().item(),
+        # the belief imagination starts from: the probe on the posterior at the last context frame (one frame seen
+        # when C = 1), against the same window's later frames (more seen)
+        "context_tile_error": post_err[:, C - 1].mean().item(), "posterior_tile_error_by_frame": post_err.mean(0).tolist(),
         "steps": steps,
     }
 
@@ -322,6 +326,7 @@ def markdown(results: dict, horizon: int, episodes: str = "val", reproject: bool
                       ("recon_psnr", "posterior reconstruction PSNR (dB, of the mean squared error)"),
                       ("recon_exact_frames", "posterior reconstructions exact to the pixel (fraction)"),
                       ("posterior_tile_error", "probe tile error on the posterior"),
+                      ("context_tile_error", "... on the posterior at the last context frame (where imagination starts)"),
                       ("posterior_map_acc", "probe map accuracy on the posterior")]:
         cells = [f"{results[l][key]:.3f}" if isinstance(results[l][key], float) else str(results[l][key]) for l in labels]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -420,7 +425,8 @@ def main(argv=None):
             print(f"{label}: its own place heads: " + ", ".join(f"step {k} {steps[k - 1]['head_tile_error']:.2f}" for k in shown)
                   + " tiles", flush=True)
         print(f"{label}: posterior reconstruction PSNR {results[label]['recon_psnr']:.2f} dB, probe tile error on the "
-              f"posterior {results[label]['posterior_tile_error']:.2f}", flush=True)
+              f"posterior {results[label]['posterior_tile_error']:.2f} (at the last context frame "
+              f"{results[label]['context_tile_error']:.2f})", flush=True)
         tiles = results[label]["recon_tiles"]
         if tiles:
             print(f"{label}: posterior tiles: {tiles['wrong_per_frame']:.2f} wrong per frame, "

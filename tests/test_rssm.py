@@ -162,6 +162,44 @@ def test_local_latents_read_and_draw_their_own_cell():
     for bad in (dict(stoch=90), dict(stoch=94, embed_dim=32)):
         with pytest.raises(ValueError, match="local_latents"):
             tiles_config(local_latents=True, **bad)
+    # two latents per cell: cell 37's are latents 4 + 74 and 4 + 75, drawn at that cell
+    pair = WorldModel(tiles_config(stoch=184, local_latents=True, local_per_cell=2))
+    with torch.no_grad():
+        before, after = (pair.rssm.posterior(h, pair.rssm.post_embed_in(e)) for e in (embed, moved))
+        changed = (before - after).abs().amax((0, 2)) > 1e-6
+        assert changed[4:].nonzero().flatten().tolist() == [74, 75]  # of the local ones (global ones read all)
+        feat = torch.cat([h, pair.rssm.sample(before, False)], -1)
+        other = feat.clone()
+        local = other[:, -180 * classes:].view(3, 90, 2, classes)
+        local[:, 52, 1] = torch.roll(local[:, 52, 1], 1, -1)
+        diff = (pair.decoder.coarse(feat) - pair.decoder.coarse(other)).abs().amax((0, 1))
+        assert diff[5, 2] > 0 and (diff > 0).sum() == 1  # cell 52's second latent
+    with pytest.raises(ValueError, match="local_per_cell"):
+        tiles_config(stoch=94, local_latents=True, local_per_cell=0)
+
+
+def test_local_latents_out_of_the_state_leave_the_gru_alone():
+    """local_in_state=False: the GRU's next state reads the 4 global latents and the action, never the 90 local
+    ones (which the posterior and decoder still use), and the model trains."""
+    torch.manual_seed(0)
+    cfg = tiles_config(stoch=94, local_latents=True, local_in_state=False)
+    assert cfg.state_latents() == 4
+    wm = WorldModel(cfg)
+    rssm, classes = wm.rssm, cfg.classes
+    h, z = torch.randn(3, cfg.deter), torch.rand(3, 94 * classes)
+    other = z.clone()
+    other[:, 4 * classes:] = torch.rand(3, 90 * classes)  # other local latents
+    action = torch.tensor([0, 3, 7])
+    with torch.no_grad():
+        assert torch.equal(rssm.deter_step(h, z, action), rssm.deter_step(h, other, action))
+        other[:, 0] += 1.0  # a global latent: read
+        assert not torch.equal(rssm.deter_step(h, z, action), rssm.deter_step(h, other, action))
+    total, _, _, _ = wm(None, torch.randint(0, 8, (2, 3)), torch.zeros(2, 3), torch.ones(2, 3),
+                        tile_ids=torch.randint(0, 64, (2, 3, 18, 20)), frame_metrics=False)
+    total.backward()
+    assert rssm.post_local[-1].weight.grad.abs().sum() > 0 and wm.decoder.local.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="local_in_state"):
+        tiles_config(local_in_state=False)
 
 
 def test_embed_dropout_hides_whole_cells_in_training_only():
@@ -446,7 +484,8 @@ def test_reprojected_imagination_feeds_back_the_posterior_of_its_own_decoded_fra
     ("default", {}, False), ("default", {"gru_blocks": 1}, False), ("default", {}, True),
     ("default", {"prior_layers": 0}, False), ("default", {"prior_layers": 2}, False),
     ("pixels", {"gru_blocks": 1}, False), ("faithful", {}, False), ("tiny", {}, False),
-    ("default", {"local_latents": True, "stoch": 122}, False)])
+    ("default", {"local_latents": True, "stoch": 122}, False),
+    ("default", {"local_latents": True, "stoch": 122, "local_in_state": False}, False)])
 def test_greedy_rollout_equals_the_plain_prior_loop(preset, overrides, tie, fused):
     """RSSM.greedy_rollout, in fused.cpp's loop (every preset but faithful) and in torch's, against
     img_step in a loop."""
@@ -825,7 +864,10 @@ def test_train_rssm_fits_the_tile_codebook_and_resume_keeps_it(data_dir, tmp_pat
                              data_dir, "--out-dir", tmp_path / "eval_keep_map", "--threads", 1, *extra)
         assert refused.returncode == 2 and refused.stderr.strip().count("\n") == 0, refused.stderr[-3000:]
         assert ("--reproject" if len(extra) == 1 else "place heads") in refused.stderr
-    tiles_row = next(iter(json.loads((tmp_path / "eval" / "results.json").read_text())["results"].values()))["recon_tiles"]
+    scored = next(iter(json.loads((tmp_path / "eval" / "results.json").read_text())["results"].values()))
+    tiles_row, by_frame = scored["recon_tiles"], scored["posterior_tile_error_by_frame"]
+    assert len(by_frame) == 5 and scored["context_tile_error"] == by_frame[0]  # 1 context frame + 4 imagined
+    assert scored["posterior_tile_error"] == pytest.approx(sum(by_frame) / 5)
     from dataset import PokemonDataset, evenly, frames_to_float
 
     ds = PokemonDataset(data_dir, seq_len=5)
