@@ -422,6 +422,9 @@ class RSSMConfig:
     # overshoot, on every open-loop prior state, so that the state tracks where the player is and imagination
     # keeps it (privileged information from the logged RAM, as the reward is; the data always has it; 0: off)
     place_scale: float = 0.0
+    # what the place heads read: "features" ([h, z]) or "deter" (h alone, so that where the player is must be
+    # carried in the state the GRU passes on, not in the latents the prior guesses afresh each imagined step)
+    place_input: str = "features"
     reward_scale: float = 1.0
     continue_scale: float = 1.0
     grad_clip: float = 1000.0  # max global grad norm
@@ -502,7 +505,7 @@ class RSSMConfig:
             "decoder_output": ("sigmoid", "linear"), "gru": ("torch", "layernorm"), "mlp_norm": ("none", "layer", "rms"),
             "sampler": ("gumbel", "categorical"), "reward_head": ("mse", "twohot"), "recon_loss": ("mean", "sum"),
             "frame_model": ("pixels", "tiles"), "lr_schedule": ("constant", "cosine"),
-            "train_precision": ("float32", "bfloat16", "auto"),
+            "train_precision": ("float32", "bfloat16", "auto"), "place_input": ("features", "deter"),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -1163,11 +1166,11 @@ class PlaceHead(nn.Module):
     def __init__(self, cfg: RSSMConfig):
         super().__init__()
         self.sizes = [size for _, size in self.FIELDS]
-        self.net = mlp(cfg.deter + cfg.stoch * cfg.classes, cfg.head_hidden, 1, sum(self.sizes),
-                       norm=cfg.mlp_norm, act=cfg.mlp_act)
+        self.width = cfg.deter if cfg.place_input == "deter" else cfg.deter + cfg.stoch * cfg.classes  # read columns
+        self.net = mlp(self.width, cfg.head_hidden, 1, sum(self.sizes), norm=cfg.mlp_norm, act=cfg.mlp_act)
 
     def forward(self, feat) -> dict:
-        logits = self.net(feat).split(self.sizes, -1)
+        logits = self.net(feat[..., :self.width]).split(self.sizes, -1)
         return {name: part for (name, _), part in zip(self.FIELDS, logits)}
 
     @staticmethod

@@ -364,6 +364,21 @@ def test_place_heads_read_the_posterior_and_every_open_loop_state():
         RSSMConfig.from_preset("tiny", place_scale=-1)
 
 
+def test_place_heads_on_h_alone_read_no_latent():
+    """place_input="deter": the heads read the GRU state h, never the latents z."""
+    torch.manual_seed(0)
+    wm = WorldModel(RSSMConfig.from_preset("tiny", place_scale=1.0, place_input="deter"))
+    feat = torch.randn(3, wm.feat_dim)
+    other = feat.clone()
+    other[:, wm.cfg.deter:] = torch.rand(3, wm.feat_dim - wm.cfg.deter)  # other latents
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(wm.place_head(feat).values(), wm.place_head(other).values()))
+        other[:, 0] += 1.0  # h: read
+        assert not torch.equal(wm.place_head(feat)["xs"], wm.place_head(other)["xs"])
+    with pytest.raises(ValueError, match="place_input"):
+        RSSMConfig.from_preset("tiny", place_input="z")
+
+
 def test_free_bits_clip_each_step_below_but_not_above():
     torch.manual_seed(0)
     logits = torch.randn(3, 2, 4, requires_grad=True)
