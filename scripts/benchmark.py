@@ -547,8 +547,8 @@ def models_at(rev: str) -> str:
 
 def _model_from_file(path: Path, preset, image_size, like):
     """The `preset` world model of the models.py at `path`, with the weights of `like` (UserError if they differ;
-    `like`'s place heads are left out when that models.py has none: they take no part in imagination, and a
-    revision before them trains without them)."""
+    `like`'s place heads are left out when that models.py has none or heads of other shapes (session 23's read h
+    alone): they take no part in imagination, and the revision trains with its own, or without them)."""
     import importlib
     import importlib.util
 
@@ -559,9 +559,11 @@ def _model_from_file(path: Path, preset, image_size, like):
     spec.loader.exec_module(module)
     other = module.WorldModel(module.RSSMConfig.from_preset(preset, image_size=tuple(image_size))).eval()
     try:
-        state = like.state_dict()
-        if getattr(other, "place_head", None) is None:
-            state = {k: v for k, v in state.items() if not k.startswith("place_head.")}
+        state, own = like.state_dict(), other.state_dict()
+        heads = [k for k in state if k.startswith("place_head.")]
+        if any(k not in own or own[k].shape != state[k].shape for k in heads):  # none there, or of other shapes
+            state = {k: v for k, v in state.items() if k not in heads}
+            state.update({k: v for k, v in own.items() if k.startswith("place_head.")})
         other.load_state_dict(state)
     except RuntimeError as err:
         raise UserError(f"{path.name}: its {preset} preset has other weights than this tree's "
