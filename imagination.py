@@ -42,6 +42,9 @@ def _rollout(wm: WorldModel, state, actions, sample: bool, reproject: bool = Fal
         raise ValueError("keep_map gates the reprojected rollout: pass reproject=True with it")
     if keep_map and wm.place_head is None:
         raise ValueError("keep_map reads the model's place heads, and this model has none (place_scale 0)")
+    if keep_map and wm.cfg.place_input == "deter":
+        raise ValueError("keep_map compares the map the place heads read from two latents, and this model's place "
+                         "heads read h alone (place_input='deter')")
     if reproject:
         return _reprojected_rollout(wm, h, z, actions, sample, keep_map)
     if sample or torch.is_grad_enabled():

@@ -178,6 +178,9 @@ def evaluate_checkpoint(path: Path, ds, train_starts, scored_starts, args, devic
     if args.keep_map and wm.place_head is None:
         raise UserError(f"{path} has no place heads (trained with place_scale 0), which --keep-map reads; "
                         "drop --keep-map for it")
+    if args.keep_map and wm.cfg.place_input == "deter":
+        raise UserError(f"{path}'s place heads read h alone (place_input='deter'), so --keep-map, which compares the "
+                        "map they read from two latents, would change nothing; drop --keep-map for it")
     feats, targets = posterior_features(wm, ds, evenly(train_starts, args.probe_windows), args.batch_size, device)
     layout = (wm.cfg.deter, wm.cfg.stoch, wm.cfg.classes)
     probe = train_probe(feats, targets, args.probe_steps, args.seed, args.probe_latent_noise, layout)

@@ -458,7 +458,7 @@ def test_reprojected_imagination_feeds_back_the_posterior_of_its_own_decoded_fra
     """Each step's latent is the posterior of the model's own most likely frame; with keep_map, the prior's latent
     where the place heads read another map from it (the default preset has place heads)."""
     torch.manual_seed(0)
-    wm = WorldModel(RSSMConfig.from_preset(preset)).eval()
+    wm = WorldModel(RSSMConfig.from_preset(preset, **({"place_input": "features"} if keep_map else {}))).eval()
     if wm.tiles is not None:
         wm.tiles.size.fill_(wm.cfg.tile_vocab)  # an unfitted codebook: ids are all the encoder reads here
     rssm, B, H = wm.rssm, 16 if keep_map else 2, 3 if keep_map else 4
@@ -490,6 +490,9 @@ def test_reprojected_imagination_feeds_back_the_posterior_of_its_own_decoded_fra
         tiny = WorldModel(RSSMConfig.from_preset("tiny")).eval()
         with pytest.raises(ValueError, match="place heads"):
             imagination.imagine(tiny, tiny.rssm.initial(1), actions[:1], reproject=True, keep_map=True)
+        on_h = WorldModel(RSSMConfig.from_preset("default")).eval()  # its heads read h alone: nothing to compare
+        with pytest.raises(ValueError, match="place_input"):
+            imagination.imagine(on_h, on_h.rssm.initial(1), actions[:1], reproject=True, keep_map=True)
         with pytest.raises(ValueError, match="reproject=True"):
             imagination.imagine(wm, (h, z), actions, keep_map=True)
 
