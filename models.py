@@ -491,13 +491,13 @@ class RSSMConfig:
         factor = math.prod(self.conv_strides)
         return self.conv_channels[-1], self.image_size[0] // factor, self.image_size[1] // factor
 
-    def local_cells(self) -> int:
+    def local_count(self) -> int:
         """How many of the `stoch` latents are local (`local_latents`): `local_per_cell` per coarse grid cell, or 0."""
         return self.coarse_grid()[1] * self.coarse_grid()[2] * self.local_per_cell if self.local_latents else 0
 
     def state_latents(self) -> int:
         """How many of the `stoch` latents the GRU reads (`local_in_state`): the first ones, all but the local."""
-        return self.stoch if self.local_in_state else self.stoch - self.local_cells()
+        return self.stoch if self.local_in_state else self.stoch - self.local_count()
 
     def validate(self) -> None:
         choices = {
@@ -522,8 +522,8 @@ class RSSMConfig:
         if self.decoder_broadcast < 0 or (self.decoder_broadcast and self.frame_model != "tiles"):
             raise ValueError(f"RSSMConfig.decoder_broadcast={self.decoder_broadcast} must be >= 0, and applies to "
                              "frame_model='tiles' only")
-        if self.local_latents and (self.embed_dim or self.stoch <= self.local_cells()):
-            raise ValueError(f"RSSMConfig.local_latents needs embed_dim 0 and stoch above the {self.local_cells()} "
+        if self.local_latents and (self.embed_dim or self.stoch <= self.local_count()):
+            raise ValueError(f"RSSMConfig.local_latents needs embed_dim 0 and stoch above the {self.local_count()} "
                              f"cells of the coarse grid (stoch={self.stoch}, embed_dim={self.embed_dim})")
         if self.local_per_cell < 1:
             raise ValueError(f"RSSMConfig.local_per_cell={self.local_per_cell} must be >= 1")
@@ -726,7 +726,7 @@ class Decoder(nn.Module):
     def __init__(self, cfg: RSSMConfig, grid: tuple[int, int, int]):
         super().__init__()
         self.grid = grid
-        self.local_width = cfg.local_cells() * cfg.classes  # the local latents: the features' last columns
+        self.local_width = cfg.local_count() * cfg.classes  # the local latents: the features' last columns
         # the local latents reach the grid through `local` alone, each on its own cell
         self.local = nn.Linear(cfg.local_per_cell * cfg.classes, grid[0]) if self.local_width else None
         feat = cfg.deter + cfg.stoch * cfg.classes - self.local_width
@@ -889,13 +889,13 @@ class RSSM(nn.Module):
         self.prior_net = mlp(cfg.deter, cfg.hidden, cfg.prior_layers, latent, norm=cfg.mlp_norm, act=cfg.mlp_act)
         # posterior MLP on [h, embed]; its first layer is split in two so that the embedding half runs
         # once for all T frames (`post_embed_in`) and only the h half runs inside the time loop
-        self.local_cells = cfg.local_cells() // cfg.local_per_cell  # cells of the coarse grid with local latents
+        self.local_cells = cfg.local_count() // cfg.local_per_cell  # cells of the coarse grid with local latents
         channels = cfg.coarse_grid()[0]
         self.post_embed_in = (LocalEmbedIn(embed_dim, cfg.hidden, channels) if self.local_cells
                               else nn.Linear(embed_dim, cfg.hidden))
         self.post_h_in = nn.Linear(cfg.deter, cfg.hidden, bias=False)
         self.post_net = nn.Sequential(_mlp_norm(cfg.mlp_norm, cfg.hidden), _ACTIVATIONS[cfg.mlp_act](),
-                                      nn.Linear(cfg.hidden, latent - cfg.local_cells() * cfg.classes))
+                                      nn.Linear(cfg.hidden, latent - cfg.local_count() * cfg.classes))
         if self.local_cells:  # local latents: each cell's posterior reads its own channels and h
             self.post_local_h = nn.Linear(cfg.deter, channels, bias=False)
             self.post_local = nn.Sequential(_mlp_norm(cfg.mlp_norm, channels), _ACTIVATIONS[cfg.mlp_act](),

@@ -135,7 +135,7 @@ def test_local_latents_read_and_draw_their_own_cell():
     rest of the model (KL, prior, training) sees stoch latents as before."""
     torch.manual_seed(0)
     cfg = tiles_config(stoch=94, local_latents=True)
-    assert cfg.local_cells() == 90 and cfg.coarse_grid() == (16, 9, 10)
+    assert cfg.local_count() == 90 and cfg.coarse_grid() == (16, 9, 10)
     wm = WorldModel(cfg)
     rssm, dec, classes = wm.rssm, wm.decoder, cfg.classes
     embed = torch.randn(3, wm.encoder.out_dim)  # the encoder's grid, flat and channel-major: (16, 9 x 10)
