@@ -730,6 +730,44 @@ def test_recon_change_weight_weighs_the_moved_cells(data_dir):
         RSSMConfig.from_preset("tiny", recon_change_weight=2.0)
 
 
+def test_recon_fraction_decodes_a_random_share_of_the_frames_in_training_only(data_dir):
+    from dataset import PokemonDataset, world_model_inputs
+    from models import sprite_changes
+
+    torch.manual_seed(0)
+    ds = PokemonDataset(data_dir, seq_len=6)
+    wm = WorldModel(tiles_config(recon_change_weight=4.0, recon_fraction=0.5))
+    wm.tiles.fit(ds.obs)
+    every = WorldModel(tiles_config(recon_change_weight=4.0))
+    every.load_state_dict(wm.state_dict())
+    args = world_model_inputs(ds, np.arange(0, 48, 6), "cpu", wm.tiles.tokenize_uint8(ds.obs), with_frames=True)
+    ids = args["tile_ids"]  # (B, T, 18, 20)
+    seen = []
+    wm.decoder.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].detach()))
+    weight = lambda cell, moved: torch.where(moved, 4.0 * cell, cell).sum((-2, -1))  # noqa: E731
+    moved = sprite_changes(ids.long()).flatten(0, 1)  # (B*T, 18, 20)
+    drawn = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        _, losses, metrics, states = wm.train()(**args)
+        feat = imagination.features(states).detach().flatten(0, 1)  # (B*T, F)
+        assert seen[-1].shape[0] == 24 and np.isfinite(metrics["psnr"])  # half of the 8 x 6 frames
+        rows = [int((feat == row).all(-1).nonzero()[0, 0]) for row in seen[-1]]  # which frames were decoded
+        assert len(set(rows)) == 24
+        drawn.append(set(rows))
+        raw = wm.decoder(feat[rows])
+        cell = torch.nn.functional.cross_entropy(raw.flatten(0, 2), ids.long().flatten(0, 1)[rows].flatten(),
+                                                 reduction="none").view(24, 18, 20)
+        torch.testing.assert_close(losses["recon"], weight(cell, moved[rows]).mean())
+    assert drawn[0] != drawn[1]  # drawn afresh each step
+    recon = wm.eval()(**args)[1]["recon"]  # validation: every frame, as a model that decodes them all
+    assert seen[-1].shape[0] == 48
+    torch.testing.assert_close(recon, every.eval()(**args)[1]["recon"])
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="recon_fraction"):
+            tiles_config(recon_fraction=bad)
+
+
 @pytest.mark.parametrize("precision", ["float32", "bfloat16"])
 def test_tiles_model_learns_alike_with_the_fused_cross_entropy(data_dir, precision):
     """A tiles model's training loss and gradients with fused.cpp's cross-entropy and with torch's, in float32 and
