@@ -347,7 +347,8 @@ class RSSMConfig:
     # convolutional encoder and its mirror decoder; with "tiles" the first entry is the tile embedding
     # (stride 8 = one 8x8 tile per cell) and the decoder ends in a 1x1 conv to tile_vocab logits per cell
     conv_channels: tuple = (32, 64, 128)  # one entry per downsampling conv
-    conv_strides: tuple = (4, 2, 2)  # kernel = max(4, stride), padding (kernel - stride) // 2
+    conv_strides: tuple = (4, 2, 2)  # kernel = max(conv_kernel, stride), padding (kernel - stride) // 2
+    conv_kernel: int = 4  # smallest kernel of each conv and transposed conv (2 with stride 2: cells do not overlap)
     conv_residual: bool = False  # a residual block (two 3x3 convs + norm) after each downsampling conv
     conv_norm: str = "layer"  # "batch" | "layer" (over channels, per pixel) | "none"
     conv_act: str = "silu"  # "relu" | "elu" | "silu"
@@ -516,6 +517,8 @@ class RSSMConfig:
                 raise ValueError(f"RSSMConfig.{key}={getattr(self, key)!r}; allowed: {', '.join(allowed)}")
         if len(self.conv_channels) != len(self.conv_strides):
             raise ValueError("RSSMConfig.conv_channels and conv_strides must have the same length")
+        if self.conv_kernel < 2 or self.conv_kernel % 2:
+            raise ValueError(f"RSSMConfig.conv_kernel={self.conv_kernel} must be even and >= 2")
         if self.gru_blocks < 1 or self.deter % self.gru_blocks or self.hidden % self.gru_blocks:
             raise ValueError(f"RSSMConfig.gru_blocks={self.gru_blocks} must be >= 1 and divide deter ({self.deter}) "
                              f"and hidden ({self.hidden})")
@@ -623,7 +626,10 @@ _RSSM_PRESET_FIELDS = {
     # two seeds: ~2,500 updates in 20 minutes against ~1,380, 2.11 / 3.03 and 2.14 / 2.61 tiles at steps 29 / 50
     # against 3.42 / 4.82 and 3.37 / 4.67, 28.01 and 28.13 dB against 27.77 and 27.79; a third seed 1.80 / 2.40, 28.04).
     # Tried and not adopted (session 24, two seeds): an eighth (recon_fraction=0.125), 2.22 / 2.59 tiles and 27.96 dB
-    # on average against a quarter's 2.13 / 2.82 and 28.07 on the same seeds.
+    # on average against a quarter's 2.13 / 2.82 and 28.07 on the same seeds. Tried and not adopted (session 25):
+    # 2-wide stride-2 convolutions (conv_kernel=2; three seeds: 1.2x the updates, 28.13 dB and 3.19 wrong tiles per
+    # frame against 28.06 and 3.40, but 2.16 / 3.12 tiles at steps 29 / 50 against 2.02 / 2.68) and, one seed each,
+    # a slower weight average (ema_decay=0.998) and the prior's KL weighed twice (kl_dyn=1.0).
     "default": dict(frame_model="tiles", conv_channels=(64, 128), conv_strides=(8, 2), lr=1e-3, overshoot=5,
                     gru_blocks=8, kl_rep=0.5, place_scale=10.0, ema_decay=0.995, place_input="deter",
                     recon_fraction=0.25),
@@ -683,8 +689,8 @@ class ResidualBlock(nn.Module):
         return self.act(x + self.body(x))
 
 
-def _kernel_padding(stride: int) -> tuple[int, int]:
-    kernel = max(4, stride)
+def _kernel_padding(stride: int, smallest: int) -> tuple[int, int]:
+    kernel = max(smallest, stride)
     return kernel, (kernel - stride) // 2
 
 
@@ -702,7 +708,7 @@ class Encoder(nn.Module):
             layers += [_conv_norm(cfg.conv_norm, channels), _ACTIVATIONS[cfg.conv_act]()]
             stages = stages[1:]
         for out, stride in stages:
-            kernel, padding = _kernel_padding(stride)
+            kernel, padding = _kernel_padding(stride, cfg.conv_kernel)
             layers.append(nn.Conv2d(channels, out, kernel, stride, padding))
             if cfg.conv_residual:
                 layers += [_ACTIVATIONS[cfg.conv_act](), ResidualBlock(out, cfg.conv_norm, cfg.conv_act)]
@@ -766,7 +772,7 @@ class Decoder(nn.Module):
                     self.cell_codes = nn.Parameter(torch.randn(*cells, cfg.decoder_broadcast))
                 break
             out = 3 if last else channels[i + 1]
-            kernel, padding = _kernel_padding(stride)
+            kernel, padding = _kernel_padding(stride, cfg.conv_kernel)
             if cfg.conv_residual:
                 layers.append(ResidualBlock(inp, cfg.conv_norm, cfg.conv_act))
             layers.append(nn.ConvTranspose2d(inp, out, kernel, stride, padding))

@@ -768,6 +768,33 @@ def test_recon_fraction_decodes_a_random_share_of_the_frames_in_training_only(da
             tiles_config(recon_fraction=bad)
 
 
+def test_conv_kernel_two_keeps_the_grids_and_reads_each_cells_own_block():
+    torch.manual_seed(0)
+    wide, narrow = WorldModel(tiles_config()), WorldModel(tiles_config(conv_kernel=2))
+    conv = [m for m in narrow.encoder.convs if isinstance(m, torch.nn.Conv2d)]
+    deconv = [m for m in narrow.decoder.deconvs if isinstance(m, torch.nn.ConvTranspose2d)]
+    assert [(m.kernel_size, m.padding) for m in conv + deconv] == [((2, 2), (0, 0))] * 2
+    ids = torch.randint(0, 64, (3, 18, 20))
+    assert narrow.encoder(ids).shape == wide.encoder(ids).shape
+    feat = torch.randn(3, narrow.cfg.deter + narrow.cfg.stoch * narrow.cfg.classes)
+    assert narrow.decoder(feat).shape == wide.decoder(feat).shape == (3, 18, 20, 64)
+    # one tile changed: kernel 2 moves only the coarse cell above its 2x2 block, kernel 4 its neighbours too
+    other = ids.clone()
+    other[:, 5, 7] = (other[:, 5, 7] + 1) % 64
+    moved = lambda wm: (wm.encoder(ids) - wm.encoder(other)).view(3, -1, 9, 10).abs().sum((0, 1)) > 0  # noqa: E731
+    assert moved(narrow).nonzero().tolist() == [[2, 3]]
+    assert moved(wide).sum() > 1
+    # a pixels model: stride-4 patches stay 4 wide, its stride-2 convs become 2 wide; the same shapes
+    pixels = WorldModel(RSSMConfig.from_preset("tiny", conv_kernel=2))
+    assert [m.kernel_size for m in pixels.encoder.convs if isinstance(m, torch.nn.Conv2d)] == [(4, 4), (2, 2), (2, 2)]
+    frames = torch.rand(2, 3, 144, 160)
+    assert pixels.encoder(frames).shape == WorldModel(RSSMConfig.from_preset("tiny")).encoder(frames).shape
+    assert pixels.decoder(torch.randn(2, pixels.cfg.deter + pixels.cfg.stoch * pixels.cfg.classes)).shape == frames.shape
+    for bad in (0, 3):
+        with pytest.raises(ValueError, match="conv_kernel"):
+            tiles_config(conv_kernel=bad)
+
+
 @pytest.mark.parametrize("precision", ["float32", "bfloat16"])
 def test_tiles_model_learns_alike_with_the_fused_cross_entropy(data_dir, precision):
     """A tiles model's training loss and gradients with fused.cpp's cross-entropy and with torch's, in float32 and
