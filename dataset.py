@@ -158,10 +158,11 @@ def world_model_inputs(ds: "PokemonDataset", starts, device, tile_ids=None, with
     """WorldModel keyword inputs for the windows at `starts`: actions, rewards, continues (B, T); with `tile_ids`
     (a tiles model's ids of every frame of `ds`, `TileCodebook.tokenize_uint8`) their (B, T, H/8, W/8) slice; and
     the float frames (B, T, 3, H, W), None when tile ids stand in for them and `with_frames` is False; with
-    `with_places` (a model with place heads) the places it learns: RAM's "xs", "ys", "map_ids", "facings", (B, T) each."""
+    `with_places` (a model with place heads) the places it learns: RAM's "xs", "ys", "map_ids", "facings" and the
+    scene bytes "in_battles", "dialog_opens", (B, T) each."""
     import torch
 
-    places = ["xs", "ys", "map_ids", "facings"] if with_places else []
+    places = ["xs", "ys", "map_ids", "facings", "in_battles", "dialog_opens"] if with_places else []
     keys = ["actions", "rewards", "continues"] + places + (["obs"] if with_frames or tile_ids is None else [])
     batch = ds.get_batch(starts, keys=keys)
     inputs = {"frames": frames_to_float(batch["obs"], device) if "obs" in batch else None,

@@ -430,6 +430,15 @@ class RSSMConfig:
     # what the place heads read: "features" ([h, z]) or "deter" (h alone, so that where the player is must be
     # carried in the state the GRU passes on, not in the latents the prior guesses afresh each imagined step)
     place_input: str = "features"
+    # > 0 (with place_scale): from each window's first this many posterior states the prior alone is also rolled
+    # to the window's last frame (its own samples fed back, as overshoot does), and the place heads' loss is taken on
+    # every state of those rollouts too, so that imagined states keep the player's place deeper than overshoot's
+    # steps (up to seq_len - 1 of them; no KL on them); 0: off
+    place_rollout: int = 0
+    # True (with place_scale): the place heads also read whether a battle is on and whether a text box is open (RAM's
+    # in-battle and dialog bytes), on the same states, so that the state carries what decides whether a step's button
+    # moves the player at all; False: where the player is and faces only
+    place_scenes: bool = False
     reward_scale: float = 1.0
     continue_scale: float = 1.0
     grad_clip: float = 1000.0  # max global grad norm
@@ -566,6 +575,10 @@ class RSSMConfig:
                              "train_precision 'bfloat16' or 'auto' only")
         if self.place_scale < 0:
             raise ValueError(f"RSSMConfig.place_scale={self.place_scale} must be >= 0")
+        if self.place_scenes and not self.place_scale:
+            raise ValueError("RSSMConfig.place_scenes needs place_scale > 0 (it adds to the place heads)")
+        if self.place_rollout < 0 or (self.place_rollout and not self.place_scale):
+            raise ValueError(f"RSSMConfig.place_rollout={self.place_rollout} must be >= 0 and needs place_scale > 0")
         factor = math.prod(self.conv_strides)
         height, width = self.image_size
         if height % factor or width % factor:
@@ -629,7 +642,11 @@ _RSSM_PRESET_FIELDS = {
     # on average against a quarter's 2.13 / 2.82 and 28.07 on the same seeds. Tried and not adopted (session 25):
     # 2-wide stride-2 convolutions (conv_kernel=2; three seeds: 1.2x the updates, 28.13 dB and 3.19 wrong tiles per
     # frame against 28.06 and 3.40, but 2.16 / 3.12 tiles at steps 29 / 50 against 2.02 / 2.68) and, one seed each,
-    # a slower weight average (ema_decay=0.998) and the prior's KL weighed twice (kl_dyn=1.0).
+    # a slower weight average (ema_decay=0.998) and the prior's KL weighed twice (kl_dyn=1.0). Tried and not adopted
+    # (session 26, one seed each): the place heads also on deep open-loop rollouts (place_rollout=3; 3.16 / 4.89
+    # tiles against 2.11 / 3.03) and on the battle and text-box bytes (place_scenes=True; 2.10 / 3.09); and, two
+    # seeds, local latents kept out of the GRU with a quarter decoded (local_latents=True, stoch=122,
+    # local_in_state=False): 29.23 and 28.95 dB against 28.01 and 28.13, but 2.90 / 3.81 and 2.62 / 3.95 tiles.
     "default": dict(frame_model="tiles", conv_channels=(64, 128), conv_strides=(8, 2), lr=1e-3, overshoot=5,
                     gru_blocks=8, kl_rep=0.5, place_scale=10.0, ema_decay=0.995, place_input="deter",
                     recon_fraction=0.25),
@@ -1180,32 +1197,34 @@ def sprite_changes(ids: torch.Tensor, prev: torch.Tensor | None = None) -> torch
 
 class PlaceHead(nn.Module):
     """Features (..., F) -> logits of where the player is: tile x, tile y and map id (one byte each: 256
-    classes) and facing (4: RAM's 0 / 4 / 8 / 12 divided by 4). Trained on RAM with `RSSMConfig.place_scale`."""
+    classes) and facing (4: RAM's 0 / 4 / 8 / 12 divided by 4); with `RSSMConfig.place_scenes` also whether a battle
+    is on and a text box open (2 classes each). Trained on RAM with `RSSMConfig.place_scale`."""
 
     FIELDS = (("xs", 256), ("ys", 256), ("map_ids", 256), ("facings", 4))
+    SCENES = (("in_battles", 2), ("dialog_opens", 2))
 
     def __init__(self, cfg: RSSMConfig):
         super().__init__()
-        self.sizes = [size for _, size in self.FIELDS]
+        self.fields = self.FIELDS + (self.SCENES if cfg.place_scenes else ())
+        self.sizes = [size for _, size in self.fields]
         self.width = cfg.deter if cfg.place_input == "deter" else cfg.deter + cfg.stoch * cfg.classes  # read columns
         self.net = mlp(self.width, cfg.head_hidden, 1, sum(self.sizes), norm=cfg.mlp_norm, act=cfg.mlp_act)
 
     def forward(self, feat) -> dict:
         logits = self.net(feat[..., :self.width]).split(self.sizes, -1)
-        return {name: part for (name, _), part in zip(self.FIELDS, logits)}
+        return {name: part for (name, _), part in zip(self.fields, logits)}
 
-    @staticmethod
-    def targets(places: dict) -> dict:
-        """get_batch's (B, T) "xs", "ys", "map_ids", "facings" -> the heads' class ids (facings // 4, kept in 0..3
-        should a ROM ever leave another value in the facing byte)."""
+    def targets(self, places: dict) -> dict:
+        """get_batch's (B, T) "xs", "ys", "map_ids", "facings" (and "in_battles", "dialog_opens") -> the heads' class
+        ids (facings // 4, kept in 0..3 should a ROM ever leave another value in the facing byte)."""
         return {name: ((places[name] // 4).clamp(0, 3) if name == "facings" else places[name]).long()
-                for name, _ in PlaceHead.FIELDS}
+                for name, _ in self.fields}
 
     def loss(self, feat, targets: dict):
-        """Sum over the four heads of the mean cross-entropy; feat (..., F), targets (...) class ids."""
+        """Sum over the heads of the mean cross-entropy; feat (..., F), targets (...) class ids."""
         logits = self(feat)
         return sum(F.cross_entropy(logits[name].reshape(-1, size), targets[name].reshape(-1))
-                   for name, size in self.FIELDS)
+                   for name, size in self.fields)
 
 
 class WorldModel(nn.Module):
@@ -1285,7 +1304,8 @@ class WorldModel(nn.Module):
         the frames' tile ids (B, T, H/8, W/8) instead (`TileCodebook.tokenize_uint8`, once for a whole
         dataset, so that no step tokenizes); frames are then needed only for `frame_metrics` (recon_mse
         and psnr, which render the most likely tiles, a cost worth skipping on unlogged steps). `places`:
-        get_batch's (B, T) "xs", "ys", "map_ids" and "facings", needed (and only read) when cfg.place_scale > 0.
+        get_batch's (B, T) "xs", "ys", "map_ids" and "facings" (and "in_battles", "dialog_opens"), needed (and only
+        read) when cfg.place_scale > 0.
         Returns (total loss, dict of losses, dict of float metrics, posterior states).
         """
         cfg = self.cfg
@@ -1336,12 +1356,14 @@ class WorldModel(nn.Module):
         if self.place_head is not None:
             if places is None:
                 raise ValueError("place_scale > 0 needs the windows' places (get_batch's xs, ys, map_ids, facings)")
-            targets = PlaceHead.targets(places)
+            targets = self.place_head.targets(places)
             losses["place"] = self.place_head.loss(feat, targets)
         if cfg.overshoot > 0:
             losses["overshoot"], place = self.overshoot_loss(states, actions, targets)
             if place is not None:  # the open-loop states' places weigh as much as the posterior's
                 losses["place"] = losses["place"] + place
+        if cfg.place_rollout > 0 and steps > 1:
+            losses["place"] = losses["place"] + self.place_rollout_loss(states, actions, targets)
         assert losses.keys() == self.loss_weights.keys(), (losses.keys(), self.loss_weights.keys())
         total = sum(self.loss_weights[k] * v for k, v in losses.items())
         with torch.no_grad():
@@ -1369,7 +1391,7 @@ class WorldModel(nn.Module):
         batch, steps = actions.shape
         h, z = states["h"], states["z"]  # (B, T, .): row t is the rollout started at frame t
         target = states["post_logp"].detach()
-        kls, feats, goals = [], [], {name: [] for name, _ in PlaceHead.FIELDS}
+        kls, feats, goals = [], [], {name: [] for name in places or ()}
         for k in range(1, min(cfg.overshoot, steps - 1) + 1):
             n = steps - k  # starts 0..n-1 reach frame t + k inside the window
             h, z, prior = self.rssm.img_step(h[:, :n].reshape(batch * n, -1), z[:, :n].reshape(batch * n, -1),
@@ -1385,6 +1407,25 @@ class WorldModel(nn.Module):
         if places is not None and feats:
             place = self.place_head.loss(torch.cat(feats), {name: torch.cat(v) for name, v in goals.items()})
         return torch.cat(kls).mean(), place
+
+    def place_rollout_loss(self, states: dict, actions: torch.Tensor, places: dict):
+        """The place heads' loss on deep open-loop states: from each window's first cfg.place_rollout posterior
+        states s, the prior alone rolled with the logged actions (sampled latents, straight-through) to the
+        window's last frame; the mean over every state s + k of them of the heads' loss against frame s + k's place.
+        states: observe()'s output; actions (B, T); places: `PlaceHead.targets`, (B, T) each."""
+        batch, steps = actions.shape
+        starts = min(self.cfg.place_rollout, steps - 1)
+        # rows start-major, so that the starts still inside the window at depth k are the first n * batch rows
+        h, z = (states[key][:, :starts].transpose(0, 1).reshape(starts * batch, -1) for key in ("h", "z"))
+        feats, goals = [], {name: [] for name in places}
+        for k in range(1, steps):
+            n = min(starts, steps - k)  # starts 0..n-1 reach frame s + k inside the window
+            h, z, _ = self.rssm.img_step(h[:n * batch], z[:n * batch], actions[:, k - 1:k - 1 + n].t().reshape(-1),
+                                         sample=self.training)
+            feats.append(torch.cat([h, z], -1))
+            for name in goals:
+                goals[name].append(places[name][:, k:k + n].t().reshape(-1))
+        return self.place_head.loss(torch.cat(feats), {name: torch.cat(v) for name, v in goals.items()})
 
 
 class Actor(nn.Module):

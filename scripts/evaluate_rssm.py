@@ -15,7 +15,9 @@ that moved against the background (a character walking or turning, a text box; `
 and how many of those still show the previous frame's tile (a belief that did not take in the change); how
 many on cells unlike the place's usual frame (`usual_tiles`: each cell's most common tile at that map, x, y
 in the training episodes), and how many of those show the usual tile instead (a character left out); and
-the tile error on the quiet windows alone (no battle, text box or map change in any of their frames).
+the tile error on the quiet windows alone (no battle, text box or map change in any of their frames), and by
+what each window holds (`WINDOW_KINDS`: first of all, windows whose last context frame is a battle screen, which
+does not show where the player is), with each kind's share of the summed error.
 Writes results.json, results.md (one table, checkpoints side by side) and drift.png to --out-dir.
 `--probe-latent-noise P` trains the probe with each latent of its inputs randomized with probability P, so
 that an imagined state with a few latents off the posterior's is not read as a different place by that alone.
@@ -129,6 +131,35 @@ def scene_of(batch: dict) -> torch.Tensor:
     return torch.where(batch["in_battles"], 2, torch.where(batch["dialog_opens"], 1, 0))
 
 
+# what a scored window holds, each window counted under the first of these that applies: its last context frame is a
+# battle screen (which does not show where the player is), a battle later on, a map change, an open text box, none
+# of them (the quiet windows)
+WINDOW_KINDS = ("battle at the context frame", "battle", "map change", "text box", "quiet")
+
+
+def window_kinds(batch: dict, context: int) -> torch.Tensor:
+    """(B,) index into WINDOW_KINDS of each window of a get_batch dict whose first `context` frames are observed."""
+    battle, maps = batch["in_battles"].bool(), batch["map_ids"]
+    kind = torch.full(battle.shape[:1], WINDOW_KINDS.index("quiet"))
+    kind[batch["dialog_opens"].bool().any(1)] = WINDOW_KINDS.index("text box")
+    kind[(maps != maps[:, :1]).any(1)] = WINDOW_KINDS.index("map change")
+    kind[battle.any(1)] = WINDOW_KINDS.index("battle")
+    kind[battle[:, context - 1]] = WINDOW_KINDS.index("battle at the context frame")
+    return kind
+
+
+def by_window_kind(errors: torch.Tensor, kinds: torch.Tensor) -> dict:
+    """Per-window tile errors (N, K) and their kinds (N,) -> {kind: windows, mean tile error per step (None for no
+    window), share of the summed tile error per step}."""
+    total = errors.sum(0).clamp(min=1e-12)
+    out = {}
+    for index, name in enumerate(WINDOW_KINDS):
+        picked = errors[kinds == index]
+        out[name] = {"windows": len(picked), "tile_error": picked.mean(0).tolist() if len(picked) else None,
+                     "error_share": (picked.sum(0) / total).tolist()}
+    return out
+
+
 def randomize_latents(feat: torch.Tensor, deter: int, stoch: int, classes: int, p: float,
                       generator: torch.Generator) -> torch.Tensor:
     """Features (N, D + stoch * classes) [h, one-hot z] -> a copy in which each of the stoch latents is, with
@@ -195,7 +226,7 @@ def evaluate_checkpoint(path: Path, ds, train_starts, scored_starts, args, devic
     if wm.place_head is not None:  # a model trained with place heads: also what its own heads read (not the probe)
         sums["head_tile_error"] = torch.zeros(K)
     quiet_sums, quiet_count = {"quiet_tile_error": torch.zeros(K), "quiet_stay_tile_error": torch.zeros(K)}, 0
-    post_err, post_acc, recon_mse, scenes, count, window_errors = [], [], [], [], 0, []
+    post_err, post_acc, recon_mse, scenes, count, window_errors, kinds = [], [], [], [], 0, [], []
     tile_sums = dict.fromkeys(("frames", "wrong", "frames_right", "changed", "wrong_changed", "stale", "placed_frames",
                                "placed_wrong", "unusual", "wrong_unusual", "usual_drawn"), 0)
     windows = evenly(scored_starts, args.max_sequences)
@@ -214,6 +245,7 @@ def evaluate_checkpoint(path: Path, ds, train_starts, scored_starts, args, devic
         frame_mse = (out["pred"] - frames[:, C:]).pow(2).mean((-3, -2, -1)).cpu()  # (B, K)
         sums["tile_error"] += error.sum(0)
         window_errors.append(error)
+        kinds.append(window_kinds(batch, C))
         sums["map_acc"] += correct.sum(0)
         sums["mse"] += frame_mse.sum(0)
         # the no-move baseline: the player stays on the last context frame's tile
@@ -260,9 +292,12 @@ def evaluate_checkpoint(path: Path, ds, train_starts, scored_starts, args, devic
     # cannot inflate it the way a mean of per-frame PSNRs would
     steps = [{"k": k + 1, **{name: (v[k] / count).item() for name, v in sums.items()}} for k in range(K)]
     window_errors = torch.cat(window_errors)  # (windows, K): is the mean a few far-off windows or all of them?
+    kinds = torch.cat(kinds)
+    shown = kinds != WINDOW_KINDS.index("battle at the context frame")  # windows whose context frame shows the place
     for k, step in enumerate(steps):
         step["tile_error_median"] = window_errors[:, k].median().item()
         step["within_1_tile"] = (window_errors[:, k] <= 1).float().mean().item()
+        step["tile_error_place_shown"] = window_errors[shown, k].mean().item() if shown.any() else None
     for step in steps:
         step["psnr"] = psnr(torch.tensor(step["mse"])).item()
         for name, v in quiet_sums.items():
@@ -295,7 +330,7 @@ def evaluate_checkpoint(path: Path, ds, train_starts, scored_starts, args, devic
         # the belief imagination starts from: the probe on the posterior at the last context frame (one frame seen
         # when C = 1), against the same window's later frames (more seen)
         "context_tile_error": post_err[:, C - 1].mean().item(), "posterior_tile_error_by_frame": post_err.mean(0).tolist(),
-        "steps": steps,
+        "steps": steps, "by_window_kind": by_window_kind(window_errors, kinds),
     }
 
 
@@ -361,6 +396,21 @@ def markdown(results: dict, horizon: int, episodes: str = "val", reproject: bool
     for name, res, key in rows:
         cells = [f"{res['steps'][k - 1][key]:.2f}" if res["steps"][k - 1][key] is not None else "-" for k in picked]
         lines.append(f"| {name} | {res['quiet_sequences']} of {res['sequences']} | " + " | ".join(cells) + " |")
+    if all("by_window_kind" in results[l] for l in labels):
+        lines += ["", "Tile error by what the window holds (each window under the first that applies: its last context",
+                  "frame a battle screen, which does not show where the player is; a battle later; a map change; a",
+                  "text box; none of them), and that kind's share of all windows' summed tile error at steps 29 and 50:",
+                  "", "| | kind | windows | " + " | ".join(f"k = {k}" for k in picked) + " | share at k = 29 / 50 |",
+                  "|---|---|---|" + "---|" * (len(picked) + 1)]
+        late = [k for k in (29, 50) if k <= horizon]
+        for l in labels:
+            for kind, v in results[l]["by_window_kind"].items():
+                errors = [f"{v['tile_error'][k - 1]:.2f}" if v["tile_error"] else "-" for k in picked]
+                share = " / ".join(f"{v['error_share'][k - 1]:.2f}" for k in late) or "-"
+                lines.append(f"| {l} | {kind} | {v['windows']} | " + " | ".join(errors) + f" | {share} |")
+            lines.append(f"| {l} | all but the first kind | | " + " | ".join(
+                f"{results[l]['steps'][k - 1]['tile_error_place_shown']:.2f}"
+                if results[l]['steps'][k - 1]['tile_error_place_shown'] is not None else "-" for k in picked) + " | |")
     if all("tile_error_median" in results[l]["steps"][0] for l in labels):
         lines += ["", "The spread over windows: the median window's tile error, and the share of windows within 1 tile",
                   "of the player's place, at steps " + ", ".join(map(str, picked)) + ":", "",
@@ -424,6 +474,10 @@ def main(argv=None):
             print(f"{label}: on the {results[label]['quiet_sequences']} quiet windows (no battle, text box or map change): "
                   + ", ".join(f"step {k} {steps[k - 1]['quiet_tile_error']:.2f}" for k in shown)
                   + " tiles", flush=True)
+        kinds = results[label]["by_window_kind"]
+        print(f"{label}: tile error by window kind, " + ", ".join(f"step {k}" for k in shown) + ": " + "; ".join(
+            f"{kind} ({v['windows']}) " + " / ".join(f"{v['tile_error'][k - 1]:.2f}" for k in shown)
+            for kind, v in kinds.items() if v["windows"]), flush=True)
         if "head_tile_error" in steps[0]:
             print(f"{label}: its own place heads: " + ", ".join(f"step {k} {steps[k - 1]['head_tile_error']:.2f}" for k in shown)
                   + " tiles", flush=True)

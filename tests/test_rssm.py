@@ -364,6 +364,74 @@ def test_place_heads_read_the_posterior_and_every_open_loop_state():
         RSSMConfig.from_preset("tiny", place_scale=-1)
 
 
+def test_place_rollout_scores_the_places_of_deep_open_loop_states():
+    """place_rollout=2: from each window's first 2 posterior states the prior alone runs to the window's end, and
+    the heads' loss on all those states is added to the place loss (against a loop by hand)."""
+    torch.manual_seed(0)
+    wm = WorldModel(RSSMConfig.from_preset("tiny", place_scale=1.0, place_rollout=2)).eval()
+    batch, steps = 3, 6
+    frames, actions = torch.rand(batch, steps, 3, 144, 160), torch.randint(0, 8, (batch, steps))
+    rewards, continues = torch.zeros(batch, steps), torch.ones(batch, steps)
+    places = {"xs": torch.randint(0, 20, (batch, steps)), "ys": torch.randint(0, 30, (batch, steps)),
+              "map_ids": torch.randint(0, 5, (batch, steps)), "facings": 4 * torch.randint(0, 4, (batch, steps))}
+    targets = wm.place_head.targets(places)
+    with torch.no_grad():
+        _, losses, _, states = wm(frames, actions, rewards, continues, places=places)
+
+        def cross_entropy(h, z, b, t):
+            logits = wm.place_head(torch.cat([h, z], -1))
+            return sum(-logits[name].log_softmax(-1)[0, targets[name][b, t]].item() for name in targets)
+
+        post = [cross_entropy(states["h"][b:b + 1, t], states["z"][b:b + 1, t], b, t)
+                for b in range(batch) for t in range(steps)]
+        deep = []
+        for b in range(batch):
+            for s in range(2):
+                h, z = states["h"][b:b + 1, s], states["z"][b:b + 1, s]
+                for t in range(s + 1, steps):
+                    h, z, _ = wm.rssm.img_step(h, z, actions[b:b + 1, t - 1], sample=False)
+                    deep.append(cross_entropy(h, z, b, t))
+    assert len(deep) == batch * (5 + 4)
+    assert losses["place"].item() == pytest.approx(np.mean(post) + np.mean(deep), rel=1e-5)
+    # it trains the prior, whose states nothing else here reads (no overshoot)
+    wm.train()
+    states = wm.rssm.observe(wm.embed(frames), actions)
+    wm.place_rollout_loss(states, actions, targets).backward()
+    assert wm.rssm.prior_net[0].weight.grad.abs().sum() > 0
+    for bad in (dict(place_rollout=-1, place_scale=1.0), dict(place_rollout=2)):
+        with pytest.raises(ValueError, match="place_rollout"):
+            RSSMConfig.from_preset("tiny", **bad)
+
+
+def test_place_scenes_add_battle_and_text_box_heads():
+    """place_scenes=True: the place heads also read RAM's in-battle and dialog bytes (2 classes each), on the
+    posterior and the open-loop states alike; off, the four place heads alone, as before."""
+    torch.manual_seed(0)
+    wm = WorldModel(RSSMConfig.from_preset("tiny", place_scale=1.0, place_scenes=True, overshoot=1)).eval()
+    batch, steps = 2, 4
+    frames, actions = torch.rand(batch, steps, 3, 144, 160), torch.randint(0, 8, (batch, steps))
+    places = {"xs": torch.randint(0, 20, (batch, steps)), "ys": torch.randint(0, 30, (batch, steps)),
+              "map_ids": torch.randint(0, 5, (batch, steps)), "facings": 4 * torch.randint(0, 4, (batch, steps)),
+              "in_battles": torch.randint(0, 2, (batch, steps)).bool(), "dialog_opens": torch.randint(0, 2, (batch, steps))}
+    targets = wm.place_head.targets(places)
+    assert list(targets) == ["xs", "ys", "map_ids", "facings", "in_battles", "dialog_opens"]
+    with torch.no_grad():
+        _, losses, _, states = wm(frames, actions, torch.zeros(batch, steps), torch.ones(batch, steps), places=places)
+        feat = torch.cat([states["h"], states["z"]], -1)
+        logits = wm.place_head(feat)
+        assert logits["in_battles"].shape == logits["dialog_opens"].shape == (batch, steps, 2)
+        scenes = sum(F.cross_entropy(logits[k].flatten(0, 1), targets[k].flatten()) for k in ("in_battles", "dialog_opens"))
+        four = {k: v for k, v in targets.items() if k not in ("in_battles", "dialog_opens")}
+        where = sum(F.cross_entropy(logits[k].flatten(0, 1), four[k].flatten()) for k in four)
+        assert wm.place_head.loss(feat, targets).item() == pytest.approx((where + scenes).item(), rel=1e-5)
+        _, rolled = wm.overshoot_loss(states, actions, targets)  # the open-loop states read the scenes too
+        assert losses["place"].item() == pytest.approx((where + scenes + rolled).item(), rel=1e-5)
+    plain = WorldModel(RSSMConfig.from_preset("tiny", place_scale=1.0))
+    assert list(plain.place_head.targets(places)) == ["xs", "ys", "map_ids", "facings"]
+    with pytest.raises(ValueError, match="place_scenes"):
+        RSSMConfig.from_preset("tiny", place_scenes=True)
+
+
 def test_place_heads_on_h_alone_read_no_latent():
     """place_input="deter": the heads read the GRU state h, never the latents z."""
     torch.manual_seed(0)
@@ -1224,6 +1292,26 @@ def test_evaluate_rssm_writes_k_finite_rows_for_two_checkpoints(tiny_run, data_d
         assert [s["quiet_stay_tile_error"] for s in res["steps"]] == pytest.approx(stay[quiet].mean(0).tolist())
         assert all(np.isfinite(s["quiet_tile_error"]) for s in res["steps"])
     assert "quiet windows" in (tmp_path / "results.md").read_text()
+    # by window kind: each window once; the kinds' errors and shares add up to the whole; quiet as above
+    evaluate = load_script("evaluate_rssm")
+    kinds = evaluate.window_kinds(batch, 1)
+    assert torch.equal(kinds == evaluate.WINDOW_KINDS.index("quiet"), quiet)
+    assert torch.equal(kinds == 0, batch["in_battles"][:, 0].bool())
+    for res in results.values():
+        split = res["by_window_kind"]
+        assert sum(v["windows"] for v in split.values()) == 4
+        assert split["quiet"]["tile_error"] == pytest.approx([s["quiet_tile_error"] for s in res["steps"]])
+        for k, s in enumerate(res["steps"]):
+            assert sum(v["error_share"][k] for v in split.values()) == pytest.approx(1.0, abs=1e-4) or s["tile_error"] == 0
+            assert sum(v["windows"] * v["tile_error"][k] for v in split.values() if v["windows"]) == pytest.approx(
+                4 * s["tile_error"], abs=1e-4)
+    assert "all but the first kind" in (tmp_path / "results.md").read_text()
+    # a made-up batch of five windows, one of each kind, the first in battle from its context frame on
+    made = {"in_battles": torch.tensor([[1, 1, 0], [0, 1, 0], [0, 0, 0], [0, 0, 0], [0, 0, 0]]),
+            "dialog_opens": torch.tensor([[0, 0, 0], [1, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 0]]),
+            "map_ids": torch.tensor([[1, 1, 1], [1, 1, 1], [1, 2, 2], [3, 3, 3], [3, 3, 3]])}
+    assert evaluate.window_kinds(made, 1).tolist() == [0, 1, 2, 3, 4]
+    assert evaluate.window_kinds(made, 2).tolist() == [0, 0, 2, 3, 4]  # the second window's context ends in battle
 
 
 def test_probe_latent_noise_redraws_whole_latents_and_leaves_h_alone(tiny_run, data_dir, tmp_path):
