@@ -319,21 +319,22 @@ def test_overshooting_equals_a_plain_loop_over_starts_and_steps():
         RSSMConfig.from_preset("tiny", overshoot=-1)
 
 
-def random_places(batch: int, steps: int) -> dict:
-    """Made-up RAM places of (batch, steps) windows as get_batch gives them, the scene bytes included."""
-    return {"xs": torch.randint(0, 20, (batch, steps)), "ys": torch.randint(0, 30, (batch, steps)),
-            "map_ids": torch.randint(0, 5, (batch, steps)), "facings": 4 * torch.randint(0, 4, (batch, steps)),
-            "in_battles": torch.randint(0, 2, (batch, steps)).bool(),
-            "dialog_opens": torch.randint(0, 2, (batch, steps)).bool()}
+def random_windows(batch: int, steps: int) -> tuple:
+    """Made-up (batch, steps) windows for a tiny model's loss: frames, actions, rewards, continues, and RAM places as
+    get_batch gives them, the scene bytes included."""
+    frames, actions = torch.rand(batch, steps, 3, 144, 160), torch.randint(0, 8, (batch, steps))
+    places = {"xs": torch.randint(0, 20, (batch, steps)), "ys": torch.randint(0, 30, (batch, steps)),
+              "map_ids": torch.randint(0, 5, (batch, steps)), "facings": 4 * torch.randint(0, 4, (batch, steps)),
+              "in_battles": torch.randint(0, 2, (batch, steps)).bool(),
+              "dialog_opens": torch.randint(0, 2, (batch, steps)).bool()}
+    return frames, actions, torch.zeros(batch, steps), torch.ones(batch, steps), places
 
 
 def test_place_heads_read_the_posterior_and_every_open_loop_state():
     torch.manual_seed(0)
     wm = WorldModel(RSSMConfig.from_preset("tiny", overshoot=2, place_scale=2.0)).eval()
     batch, steps = 2, 5
-    frames, actions = torch.rand(batch, steps, 3, 144, 160), torch.randint(0, 8, (batch, steps))
-    rewards, continues = torch.zeros(batch, steps), torch.ones(batch, steps)
-    places = random_places(batch, steps)
+    frames, actions, rewards, continues, places = random_windows(batch, steps)
     with pytest.raises(ValueError, match="places"):
         wm(frames, actions, rewards, continues)
     with torch.no_grad():
@@ -377,9 +378,7 @@ def test_place_rollout_scores_the_places_of_deep_open_loop_states():
     torch.manual_seed(0)
     wm = WorldModel(RSSMConfig.from_preset("tiny", place_scale=1.0, place_rollout=2)).eval()
     batch, steps = 3, 6
-    frames, actions = torch.rand(batch, steps, 3, 144, 160), torch.randint(0, 8, (batch, steps))
-    rewards, continues = torch.zeros(batch, steps), torch.ones(batch, steps)
-    places = random_places(batch, steps)
+    frames, actions, rewards, continues, places = random_windows(batch, steps)
     targets = wm.place_head.targets(places)
     with torch.no_grad():
         _, losses, _, states = wm(frames, actions, rewards, continues, places=places)
@@ -415,12 +414,11 @@ def test_place_scenes_add_battle_and_text_box_heads():
     torch.manual_seed(0)
     wm = WorldModel(RSSMConfig.from_preset("tiny", place_scale=1.0, place_scenes=True, overshoot=1)).eval()
     batch, steps = 2, 4
-    frames, actions = torch.rand(batch, steps, 3, 144, 160), torch.randint(0, 8, (batch, steps))
-    places = random_places(batch, steps)
+    frames, actions, rewards, continues, places = random_windows(batch, steps)
     targets = wm.place_head.targets(places)
     assert list(targets) == ["xs", "ys", "map_ids", "facings", "in_battles", "dialog_opens"]
     with torch.no_grad():
-        _, losses, _, states = wm(frames, actions, torch.zeros(batch, steps), torch.ones(batch, steps), places=places)
+        _, losses, _, states = wm(frames, actions, rewards, continues, places=places)
         feat = torch.cat([states["h"], states["z"]], -1)
         logits = wm.place_head(feat)
         assert logits["in_battles"].shape == logits["dialog_opens"].shape == (batch, steps, 2)
