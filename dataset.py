@@ -154,33 +154,38 @@ def frames_to_float(obs_uint8, device):
 
 
 def world_model_inputs(ds: "PokemonDataset", starts, device, tile_ids=None, with_frames: bool = True,
-                       with_places: bool = False) -> dict:
+                       place_keys: tuple = ()) -> dict:
     """WorldModel keyword inputs for the windows at `starts`: actions, rewards, continues (B, T); with `tile_ids`
     (a tiles model's ids of every frame of `ds`, `TileCodebook.tokenize_uint8`) their (B, T, H/8, W/8) slice; and
     the float frames (B, T, 3, H, W), None when tile ids stand in for them and `with_frames` is False; with
-    `with_places` (a model with place heads) the places it learns: RAM's "xs", "ys", "map_ids", "facings" and the
-    scene bytes "in_battles", "dialog_opens", (B, T) each."""
+    `place_keys` (a model with place heads: `WorldModel.place_keys`) "places", the RAM bytes they learn, (B, T) each."""
     import torch
 
-    places = ["xs", "ys", "map_ids", "facings", "in_battles", "dialog_opens"] if with_places else []
-    keys = ["actions", "rewards", "continues"] + places + (["obs"] if with_frames or tile_ids is None else [])
+    keys = ["actions", "rewards", "continues", *place_keys] + (["obs"] if with_frames or tile_ids is None else [])
     batch = ds.get_batch(starts, keys=keys)
     inputs = {"frames": frames_to_float(batch["obs"], device) if "obs" in batch else None,
               "actions": batch["actions"].to(device), "rewards": batch["rewards"].to(device),
               "continues": batch["continues"].to(device)}
-    if with_places:
-        inputs["places"] = {k: batch[k].to(device) for k in places}
+    if place_keys:
+        inputs["places"] = {k: batch[k].to(device) for k in place_keys}
     if tile_ids is not None:
         rows = torch.from_numpy(np.asarray(starts, dtype=np.int64)[:, None] + np.arange(ds.seq_len))
         inputs["tile_ids"] = tile_ids[rows].to(device)
     return inputs
 
 
-def quiet_windows(batch: dict):
-    """(B,) bool of a get_batch dict: the windows with no battle, no open text box and no map change in any frame
-    (the events a prior following its most likely latents cannot foresee)."""
+def window_events(batch: dict) -> dict:
+    """(B,) bool each of a get_batch dict: the windows with a "battle", an open "text box", a "map change" in any
+    frame (the events a prior following its most likely latents cannot foresee)."""
     maps = batch["map_ids"]
-    return ~batch["in_battles"].any(1) & ~batch["dialog_opens"].any(1) & (maps == maps[:, :1]).all(1)
+    return {"battle": batch["in_battles"].bool().any(1), "text box": batch["dialog_opens"].bool().any(1),
+            "map change": (maps != maps[:, :1]).any(1)}
+
+
+def quiet_windows(batch: dict):
+    """(B,) bool of a get_batch dict: the windows with none of `window_events`."""
+    events = window_events(batch)
+    return ~(events["battle"] | events["text box"] | events["map change"])
 
 
 def evenly(starts: np.ndarray, count: int) -> np.ndarray:

@@ -1253,6 +1253,11 @@ class WorldModel(nn.Module):
             self.decoder.to(memory_format=torch.channels_last)
 
     @property
+    def place_keys(self) -> tuple:
+        """The RAM bytes (get_batch keys) the place heads learn; () without place heads."""
+        return () if self.place_head is None else tuple(name for name, _ in self.place_head.fields)
+
+    @property
     def feat_dim(self) -> int:
         return self.cfg.deter + self.cfg.stoch * self.cfg.classes
 

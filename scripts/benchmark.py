@@ -414,7 +414,7 @@ def _training_way(conn, way, data_dir, preset, batch_size, seq_len, threads, cha
             optimizer.zero_grad()
         else:
             inputs = world_model_inputs(ds, starts, "cpu", tile_ids, with_frames=not lean,
-                                        with_places=getattr(wm, "place_head", None) is not None)
+                                        place_keys=getattr(wm, "place_keys", ()))
             loss_ops = fused.off() if way == "torch_loss" else contextlib.nullcontext()  # picked in the forward
             with loss_ops, torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bfloat16"):
                 total, _, _, _ = model(**inputs, frame_metrics=not lean)

@@ -41,7 +41,7 @@ from tqdm import tqdm
 import artifacts
 import checkpoint
 import imagination
-from dataset import PokemonDataset, evenly, frames_to_float, quiet_windows
+from dataset import PokemonDataset, evenly, frames_to_float, window_events
 from errors import UserError, cli
 from models import StateProbe, StateProbeConfig, aligned_previous, psnr, sprite_changes
 
@@ -139,12 +139,11 @@ WINDOW_KINDS = ("battle at the context frame", "battle", "map change", "text box
 
 def window_kinds(batch: dict, context: int) -> torch.Tensor:
     """(B,) index into WINDOW_KINDS of each window of a get_batch dict whose first `context` frames are observed."""
-    battle, maps = batch["in_battles"].bool(), batch["map_ids"]
-    kind = torch.full(battle.shape[:1], WINDOW_KINDS.index("quiet"))
-    kind[batch["dialog_opens"].bool().any(1)] = WINDOW_KINDS.index("text box")
-    kind[(maps != maps[:, :1]).any(1)] = WINDOW_KINDS.index("map change")
-    kind[battle.any(1)] = WINDOW_KINDS.index("battle")
-    kind[battle[:, context - 1]] = WINDOW_KINDS.index("battle at the context frame")
+    events = window_events(batch)
+    kind = torch.full(events["battle"].shape, WINDOW_KINDS.index("quiet"))
+    for name in ("text box", "map change", "battle"):  # a later one wins
+        kind[events[name]] = WINDOW_KINDS.index(name)
+    kind[batch["in_battles"][:, context - 1].bool()] = WINDOW_KINDS.index("battle at the context frame")
     return kind
 
 
@@ -246,6 +245,7 @@ def evaluate_checkpoint(path: Path, ds, train_starts, scored_starts, args, devic
         sums["tile_error"] += error.sum(0)
         window_errors.append(error)
         kinds.append(window_kinds(batch, C))
+        quiet = kinds[-1] == WINDOW_KINDS.index("quiet")  # no battle, text box or map change in any frame
         sums["map_acc"] += correct.sum(0)
         sums["mse"] += frame_mse.sum(0)
         # the no-move baseline: the player stays on the last context frame's tile
@@ -257,7 +257,6 @@ def evaluate_checkpoint(path: Path, ds, train_starts, scored_starts, args, devic
             head_x, head_y = (read[key].argmax(-1).cpu().float() for key in ("xs", "ys"))
             sums["head_tile_error"] += ((head_x - xs).abs() + (head_y - ys).abs()).sum(0)
         count += len(frames)
-        quiet = quiet_windows(batch)
         quiet_sums["quiet_tile_error"] += error[quiet].sum(0)
         quiet_sums["quiet_stay_tile_error"] += stay[quiet].sum(0)
         quiet_count += int(quiet.sum())

@@ -150,7 +150,7 @@ def evaluate(wm: WorldModel, ds: PokemonDataset, starts: np.ndarray, batch_size:
     starts = evenly(starts, max_batches * batch_size)
     for i in range(math.ceil(len(starts) / batch_size)):
         inputs = world_model_inputs(ds, starts[i * batch_size:(i + 1) * batch_size], device,
-                                    with_places=wm.place_head is not None)
+                                    place_keys=wm.place_keys)
         total, losses, metrics, states = wm(**inputs)
         frames = inputs["frames"]
         recon = wm.decode(imagination.features(states))
@@ -363,8 +363,7 @@ def main(argv=None):
             t0 = time.perf_counter()
             starts = order[i * global_batch + rank * args.batch_size:i * global_batch + (rank + 1) * args.batch_size]
             log_step = (step + 1) % args.log_every == 0  # frame metrics (recon_mse, psnr) only on logged steps
-            inputs = world_model_inputs(ds, starts, device, tile_ids, with_frames=log_step,
-                                        with_places=wm.place_head is not None)
+            inputs = world_model_inputs(ds, starts, device, tile_ids, with_frames=log_step, place_keys=wm.place_keys)
             # bfloat16 until the float32 tail: by batches, or by the last step's time (the same on every rank)
             low_precision = precision == "bfloat16" and max(step / total_steps, progress) < 1.0 - cfg.float32_tail
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=low_precision):

@@ -429,7 +429,8 @@ def test_place_scenes_add_battle_and_text_box_heads():
         _, rolled = wm.overshoot_loss(states, actions, targets)  # the open-loop states read the scenes too
         assert losses["place"].item() == pytest.approx((where + scenes + rolled).item(), rel=1e-5)
     plain = WorldModel(RSSMConfig.from_preset("tiny", place_scale=1.0))
-    assert list(plain.place_head.targets(places)) == ["xs", "ys", "map_ids", "facings"]
+    assert list(plain.place_head.targets(places)) == ["xs", "ys", "map_ids", "facings"] == list(plain.place_keys)
+    assert WorldModel(RSSMConfig.from_preset("tiny")).place_keys == ()
     with pytest.raises(ValueError, match="place_scenes"):
         RSSMConfig.from_preset("tiny", place_scenes=True)
 
@@ -904,7 +905,11 @@ def test_tile_ids_made_once_train_exactly_as_tokenizing_each_batch(data_dir):
     assert torch.equal(ids.long(), wm.tiles.tokenize(frames_to_float(torch.from_numpy(ds.obs), "cpu")))
     starts = np.arange(0, 48, 6)
     inputs = world_model_inputs(ds, starts, "cpu", ids, with_frames=False)
-    assert inputs["frames"] is None and inputs["tile_ids"].shape == (8, 6, 18, 20)
+    assert inputs["frames"] is None and inputs["tile_ids"].shape == (8, 6, 18, 20) and "places" not in inputs
+    scenes = WorldModel(RSSMConfig.from_preset("tiny", place_scale=1.0, place_scenes=True))
+    asked = world_model_inputs(ds, starts, "cpu", ids, with_frames=False, place_keys=scenes.place_keys)["places"]
+    assert list(asked) == ["xs", "ys", "map_ids", "facings", "in_battles", "dialog_opens"]  # what the heads read
+    assert all(torch.equal(asked[k], ds.get_batch(starts)[k]) for k in asked)
     batch = ds.get_batch(starts)
     frames = frames_to_float(batch["obs"], "cpu")
     grads = []
