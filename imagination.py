@@ -6,6 +6,7 @@ Actions follow the data's convention: a_t is the action taken after frame t.
 
     ctx = observe(wm, frames[:, :K], actions[:, :K])        # posterior over K context frames
     out = imagine(wm, last_state(ctx), actions[:, K-1:K-1+H])  # prior only: H imagined steps
+    many = futures(wm, last_state(ctx), actions[:, K-1:K-1+H], 64)  # (B, 64, H, F): 64 sampled futures each
     video = decode(wm, out["feat"])                          # (B, H, 3, H, W) = predictions of frames K..K+H-1
 """
 from __future__ import annotations
@@ -91,6 +92,16 @@ def imagine(wm: WorldModel, state: tuple[torch.Tensor, torch.Tensor], actions: t
     latent is decoded to a frame and encoded again by the posterior before it is fed back (slower);
     `keep_map` with it: not where that changes the map the place heads read (`_reprojected_rollout`)."""
     return _rollout(wm, state, actions, sample, reproject, keep_map)
+
+
+@torch.inference_mode()
+def futures(wm: WorldModel, state: tuple[torch.Tensor, torch.Tensor], actions: torch.Tensor, count: int) -> torch.Tensor:
+    """`count` futures drawn from the prior from each start state (h, z) (B, D), (B, S), all taking actions (B, H):
+    each step's latent a sample of the prior (its unimix included), fed back. -> features (B, count, H, D + S)."""
+    h, z = state
+    feat = _rollout(wm, (h.repeat_interleave(count, 0), z.repeat_interleave(count, 0)),
+                    actions.repeat_interleave(count, 0), sample=True)["feat"]
+    return feat.view(len(h), count, *feat.shape[1:])
 
 
 def _tile_ids(wm: WorldModel, raw: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,9 @@ the encoder and posterior read again for the latent fed back (still no real fram
 evaluate_drift.py's --reproject for v1); with `--keep-map` a step keeps the prior's latent where the re-encoded one
 would move the map the model's place heads read. `--episodes train` scores the training episodes instead (the same
 measures; against the held-out figures, the generalisation gap).
+`--futures N` (64 by default; 0: off) also draws N futures per window from the prior (each step's latent sampled
+and fed back) and scores one guess from them: the per-coordinate median of the places the probe, and the model's
+own place heads, read from the N futures at each step (`median_place_error`); also split by window kind.
 """
 from __future__ import annotations
 
@@ -70,6 +73,9 @@ def parse_args(argv=None):
     p.add_argument("--keep-map", action="store_true",
                    help="with --reproject: keep the prior's latent at a step where the re-encoded one would make the "
                         "model's place heads read another map (needs a model trained with place heads)")
+    p.add_argument("--futures", type=int, default=64, metavar="N",
+                   help="also draw N futures from the prior per window and score the per-coordinate median of the "
+                        "places read from them (0: off)")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     p.add_argument("--out-dir", default="outputs/eval_rssm", help="where results.json/.md and drift.png go")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run")
@@ -79,6 +85,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.labels is not None and len(args.labels) != len(args.checkpoints):
         raise UserError(f"{len(args.labels)} --labels for {len(args.checkpoints)} --checkpoints; give one per checkpoint")
+    if args.futures < 0:
+        raise UserError(f"--futures {args.futures} is negative; give a number of futures (0: off)")
     if args.horizon < 1 or args.context < 1:
         raise UserError("--horizon and --context must be at least 1")
     if not 0.0 <= args.probe_latent_noise < 1.0:
@@ -190,6 +198,13 @@ def train_probe(feats: torch.Tensor, targets: dict, steps: int, seed: int, laten
     return probe.eval()
 
 
+def median_place_error(read_x: torch.Tensor, read_y: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+    """Places read from N futures, read_x / read_y (B, N, K), against the true (B, K): the Manhattan error of the
+    per-coordinate median over the futures (the lower middle one for even N), the single guess that minimises the
+    expected Manhattan error under the futures' spread. -> (B, K)."""
+    return (read_x.median(1).values - xs).abs() + (read_y.median(1).values - ys).abs()
+
+
 @torch.no_grad()
 def probe_scores(probe: StateProbe, feat: torch.Tensor, xs, ys, maps) -> tuple[torch.Tensor, torch.Tensor]:
     """Manhattan tile error (rounded prediction) and map-id correctness, per element."""
@@ -222,10 +237,14 @@ def evaluate_checkpoint(path: Path, ds, train_starts, scored_starts, args, devic
 
     K, C = args.horizon, args.context
     sums = {"tile_error": torch.zeros(K), "map_acc": torch.zeros(K), "mse": torch.zeros(K), "stay_tile_error": torch.zeros(K)}
+    readings = ["probe"]  # the place read from the imagined states: by the probe, by the model's own place heads
     if wm.place_head is not None:  # a model trained with place heads: also what its own heads read (not the probe)
-        sums["head_tile_error"] = torch.zeros(K)
+        readings.append("heads")
+    if args.futures:  # and the median over futures drawn from the prior, as read by each
+        readings += [f"{r} futures" for r in readings]
+    reading_errors = {r: [] for r in readings}
     quiet_sums, quiet_count = {"quiet_tile_error": torch.zeros(K), "quiet_stay_tile_error": torch.zeros(K)}, 0
-    post_err, post_acc, recon_mse, scenes, count, window_errors, kinds = [], [], [], [], 0, [], []
+    post_err, post_acc, recon_mse, scenes, count, kinds = [], [], [], [], 0, []
     tile_sums = dict.fromkeys(("frames", "wrong", "frames_right", "changed", "wrong_changed", "stale", "placed_frames",
                                "placed_wrong", "unusual", "wrong_unusual", "usual_drawn"), 0)
     windows = evenly(scored_starts, args.max_sequences)
@@ -233,6 +252,7 @@ def evaluate_checkpoint(path: Path, ds, train_starts, scored_starts, args, devic
     if wm.tiles is not None:  # every frame's tile ids (its own codebook's) and each training place's usual frame
         all_ids = wm.tiles.tokenize_uint8(ds.obs)
         places, usual = usual_tiles(ds, np.unique(train_starts[:, None] + steps_in_window), all_ids, wm.cfg.tile_vocab)
+    torch.manual_seed(args.seed)  # the futures' draws
     for i in tqdm(range(0, len(windows), args.batch_size), desc=f"imagining ({path.name})", unit="batch"):
         batch = ds.get_batch(windows[i:i + args.batch_size])
         frames = frames_to_float(batch["obs"], device)  # (B, C+K, 3, H, W)
@@ -243,7 +263,6 @@ def evaluate_checkpoint(path: Path, ds, train_starts, scored_starts, args, devic
         error, correct = probe_scores(probe, out["imagined"]["feat"].cpu(), xs, ys, maps)  # (B, K)
         frame_mse = (out["pred"] - frames[:, C:]).pow(2).mean((-3, -2, -1)).cpu()  # (B, K)
         sums["tile_error"] += error.sum(0)
-        window_errors.append(error)
         kinds.append(window_kinds(batch, C))
         quiet = kinds[-1] == WINDOW_KINDS.index("quiet")  # no battle, text box or map change in any frame
         sums["map_acc"] += correct.sum(0)
@@ -251,11 +270,22 @@ def evaluate_checkpoint(path: Path, ds, train_starts, scored_starts, args, devic
         # the no-move baseline: the player stays on the last context frame's tile
         stay = (xs - batch["xs"][:, C - 1:C].float()).abs() + (ys - batch["ys"][:, C - 1:C].float()).abs()
         sums["stay_tile_error"] += stay.sum(0)
+        reading_errors["probe"].append(error)
         if wm.place_head is not None:
             with torch.no_grad():
                 read = wm.place_head(out["imagined"]["feat"])
             head_x, head_y = (read[key].argmax(-1).cpu().float() for key in ("xs", "ys"))
-            sums["head_tile_error"] += ((head_x - xs).abs() + (head_y - ys).abs()).sum(0)
+            reading_errors["heads"].append((head_x - xs).abs() + (head_y - ys).abs())
+        if args.futures:
+            many = imagination.futures(wm, imagination.last_state(out["context"]), actions[:, C - 1:C - 1 + K],
+                                       args.futures)  # (B, N, K, F)
+            with torch.no_grad():
+                pos = probe(many.cpu())[0].round()
+                reading_errors["probe futures"].append(median_place_error(pos[..., 0], pos[..., 1], xs, ys))
+                if wm.place_head is not None:
+                    read = wm.place_head(many)
+                    reading_errors["heads futures"].append(median_place_error(
+                        *(read[key].argmax(-1).cpu().float() for key in ("xs", "ys")), xs, ys))
         count += len(frames)
         quiet_sums["quiet_tile_error"] += error[quiet].sum(0)
         quiet_sums["quiet_stay_tile_error"] += stay[quiet].sum(0)
@@ -290,13 +320,19 @@ def evaluate_checkpoint(path: Path, ds, train_starts, scored_starts, args, devic
     # PSNR of the mean squared error over all frames: exactly predicted frames (likely with tile tokens)
     # cannot inflate it the way a mean of per-frame PSNRs would
     steps = [{"k": k + 1, **{name: (v[k] / count).item() for name, v in sums.items()}} for k in range(K)]
-    window_errors = torch.cat(window_errors)  # (windows, K): is the mean a few far-off windows or all of them?
+    reading_errors = {r: torch.cat(v) for r, v in reading_errors.items()}  # each (windows, K)
+    window_errors = reading_errors["probe"]  # is the mean a few far-off windows or all of them?
     kinds = torch.cat(kinds)
     shown = kinds != WINDOW_KINDS.index("battle at the context frame")  # windows whose context frame shows the place
     for k, step in enumerate(steps):
         step["tile_error_median"] = window_errors[:, k].median().item()
         step["within_1_tile"] = (window_errors[:, k] <= 1).float().mean().item()
         step["tile_error_place_shown"] = window_errors[shown, k].mean().item() if shown.any() else None
+    for reading, name in (("heads", "head_tile_error"), ("probe futures", "tile_error_futures"),
+                          ("heads futures", "head_tile_error_futures")):
+        if reading in reading_errors:
+            for k, step in enumerate(steps):
+                step[name] = reading_errors[reading][:, k].mean().item()
     for step in steps:
         step["psnr"] = psnr(torch.tensor(step["mse"])).item()
         for name, v in quiet_sums.items():
@@ -329,7 +365,9 @@ def evaluate_checkpoint(path: Path, ds, train_starts, scored_starts, args, devic
         # the belief imagination starts from: the probe on the posterior at the last context frame (one frame seen
         # when C = 1), against the same window's later frames (more seen)
         "context_tile_error": post_err[:, C - 1].mean().item(), "posterior_tile_error_by_frame": post_err.mean(0).tolist(),
-        "steps": steps, "by_window_kind": by_window_kind(window_errors, kinds),
+        "steps": steps, "by_window_kind": by_window_kind(window_errors, kinds), "futures": args.futures,
+        # the same split for every reading of the place (the probe's is by_window_kind)
+        "by_window_kind_by_reading": {r: by_window_kind(e, kinds) for r, e in reading_errors.items()},
     }
 
 
@@ -425,6 +463,18 @@ def markdown(results: dict, horizon: int, episodes: str = "val", reproject: bool
                   "| | " + " | ".join(f"k = {k}" for k in picked) + " |", "|---|" + "---|" * len(picked)]
         for l in headed:
             lines.append(f"| {l} | " + " | ".join(f"{results[l]['steps'][k - 1]['head_tile_error']:.2f}" for k in picked) + " |")
+    futured = [l for l in labels if "tile_error_futures" in results[l]["steps"][0]]
+    if futured:
+        lines += ["", "Tile error of one guess from many futures: the per-coordinate median of the places read from",
+                  "futures drawn from the prior (each step's latent sampled and fed back; `--futures`), by the probe",
+                  "and by the model's own place heads, at steps " + ", ".join(map(str, picked)) + ":", "",
+                  "| | futures | read by | " + " | ".join(f"k = {k}" for k in picked) + " |",
+                  "|---|---|---|" + "---|" * len(picked)]
+        for l in futured:
+            for key, reader in (("tile_error_futures", "probe"), ("head_tile_error_futures", "place heads")):
+                if key in results[l]["steps"][0]:
+                    lines.append(f"| {l} | {results[l]['futures']} | {reader} | " + " | ".join(
+                        f"{results[l]['steps'][k - 1][key]:.2f}" for k in picked) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -438,7 +488,10 @@ def plot(results: dict, path: Path) -> None:
     for label, res in results.items():
         ks = [s["k"] for s in res["steps"]]
         for ax, key in zip(axes, ("tile_error", "map_acc", "psnr")):
-            ax.plot(ks, [s[key] for s in res["steps"]], label=label)
+            line, = ax.plot(ks, [s[key] for s in res["steps"]], label=label)
+            if key == "tile_error" and "tile_error_futures" in res["steps"][0]:
+                ax.plot(ks, [s["tile_error_futures"] for s in res["steps"]], "--", color=line.get_color(),
+                        label=f"{label}, median of {res['futures']} futures")
     first = next(iter(results.values()))["steps"]
     axes[0].plot([s["k"] for s in first], [s["stay_tile_error"] for s in first], "k:", label="no-move baseline")
     for ax, title in zip(axes, ("probe tile error (Manhattan)", "map-id accuracy", "frame PSNR (dB)")):
@@ -480,6 +533,12 @@ def main(argv=None):
         if "head_tile_error" in steps[0]:
             print(f"{label}: its own place heads: " + ", ".join(f"step {k} {steps[k - 1]['head_tile_error']:.2f}" for k in shown)
                   + " tiles", flush=True)
+        if args.futures:
+            print(f"{label}: the median of {args.futures} futures drawn from the prior, read by the probe: " + ", ".join(
+                f"step {k} {steps[k - 1]['tile_error_futures']:.2f}" for k in shown) + (
+                "; by its own place heads: " + ", ".join(f"step {k} {steps[k - 1]['head_tile_error_futures']:.2f}"
+                                                         for k in shown) if "head_tile_error_futures" in steps[0] else "")
+                  + " tiles", flush=True)
         print(f"{label}: posterior reconstruction PSNR {results[label]['recon_psnr']:.2f} dB, probe tile error on the "
               f"posterior {results[label]['posterior_tile_error']:.2f} (at the last context frame "
               f"{results[label]['context_tile_error']:.2f})", flush=True)
@@ -498,6 +557,7 @@ def main(argv=None):
                                                 "context": args.context, "episodes": args.episodes,
                                                 "probe_latent_noise": args.probe_latent_noise,
                                                 "reproject": args.reproject, "keep_map": args.keep_map,
+                                                "futures": args.futures,
                                                 "results": results})
     artifacts.write_text(out / "results.md", markdown(results, args.horizon, args.episodes, args.reproject,
                                                           args.keep_map))

@@ -127,13 +127,19 @@ def scheduled_lr(cfg: RSSMConfig, base: float, progress: float) -> float:
     return base * (cfg.lr_final + (1.0 - cfg.lr_final) * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-def repeat_battle_windows(ds: PokemonDataset, starts: np.ndarray, repeats: int) -> np.ndarray:
-    """The training windows an epoch draws: each window with a battle frame `repeats` times, the rest once."""
-    if repeats == 1:
+def repeat_event_windows(ds: PokemonDataset, starts: np.ndarray, battle_repeats: int,
+                         map_change_repeats: int = 1) -> np.ndarray:
+    """The training windows an epoch draws: each window with a battle frame `battle_repeats` times, each other
+    window in which the map id changes `map_change_repeats` times, the rest once."""
+    if battle_repeats == map_change_repeats == 1:
         return starts
     battle = np.concatenate([[0], np.cumsum(ds.arrays["in_battles"], dtype=np.int64)])
     has_battle = battle[starts + ds.seq_len] - battle[starts] > 0
-    return np.concatenate([starts, np.repeat(starts[has_battle], repeats - 1)])
+    maps = ds.arrays["map_ids"]
+    change = np.concatenate([[0], np.cumsum(maps[1:] != maps[:-1], dtype=np.int64)])  # change[i]: changes before row i
+    has_change = change[starts + ds.seq_len - 1] - change[starts] > 0  # between the window's first and last rows
+    times = np.where(has_battle, battle_repeats, np.where(has_change, map_change_repeats, 1))
+    return np.concatenate([starts, np.repeat(starts, times - 1)])
 
 
 def epoch_order(count: int, seed: int, epoch: int) -> np.ndarray:
@@ -279,7 +285,7 @@ def main(argv=None):
         raise UserError(f"the model expects {cfg.image_size[0]}x{cfg.image_size[1]} frames but {args.data_dir} holds "
                         f"{ds.resolution[0]}x{ds.resolution[1]}")
 
-    drawn = repeat_battle_windows(ds, train_starts, cfg.battle_repeats)  # what an epoch draws, in a shuffled order
+    drawn = repeat_event_windows(ds, train_starts, cfg.battle_repeats, cfg.map_change_repeats)  # what an epoch draws, in a shuffled order
     batches_per_epoch = len(drawn) // global_batch
     if args.steps_per_epoch:
         batches_per_epoch = min(batches_per_epoch, args.steps_per_epoch)

@@ -524,6 +524,36 @@ def test_imagination_rolls_the_prior_and_decodes():
     assert any(p.grad is not None for p in actor.parameters())
 
 
+def test_futures_are_prior_samples_fed_back_and_their_median_is_per_coordinate():
+    torch.manual_seed(0)
+    wm = WorldModel(RSSMConfig.from_preset("tiny")).eval()
+    cfg = wm.cfg
+    h, z = torch.randn(2, cfg.deter), F.one_hot(torch.randint(cfg.classes, (2, cfg.stoch)), cfg.classes).float().flatten(1)
+    actions = torch.randint(0, 8, (2, 5))
+    many = imagination.futures(wm, (h, z), actions, 16)
+    assert many.shape == (2, 16, 5, wm.feat_dim)
+    latents = many[..., cfg.deter:].reshape(2, 16, 5, cfg.stoch, cfg.classes)
+    assert torch.equal(latents.sum(-1), torch.ones(2, 16, 5, cfg.stoch))  # one-hot samples
+    # the first h follows from the start state and action alone; later ones from each future's own samples
+    first = wm.rssm.deter_step(h, z, actions[:, 0])
+    torch.testing.assert_close(many[:, :, 0, :cfg.deter], first.unsqueeze(1).expand(2, 16, -1))
+    assert (many[:, :, 0, cfg.deter:] != many[:, :1, 0, cfg.deter:]).any()  # the draws differ
+    assert (many[:, :, -1, :cfg.deter] != many[:, :1, -1, :cfg.deter]).any()
+    for b in range(2):  # each future is the prior loop fed its own samples: replayed step by step from them
+        for n in (0, 15):
+            hh, zz = h[b:b + 1], z[b:b + 1]
+            for t in range(5):
+                hh = wm.rssm.deter_step(hh, zz, actions[b:b + 1, t])
+                zz = many[b:b + 1, n, t, cfg.deter:]
+                torch.testing.assert_close(hh[0], many[b, n, t, :cfg.deter])
+    # one guess from many: each coordinate's median, not a place any single future reads
+    median_place_error = load_script("evaluate_rssm").median_place_error
+    read_x = torch.tensor([[[1.0], [9.0], [4.0]]])  # (B=1, N=3, K=1)
+    read_y = torch.tensor([[[7.0], [2.0], [3.0]]])
+    assert median_place_error(read_x, read_y, torch.tensor([[4.0]]), torch.tensor([[3.0]])).tolist() == [[0.0]]
+    assert median_place_error(read_x, read_y, torch.tensor([[6.0]]), torch.tensor([[1.0]])).tolist() == [[4.0]]
+
+
 @pytest.mark.parametrize("preset, keep_map", [("default", False), ("tiny", False), ("default", True)])
 def test_reprojected_imagination_feeds_back_the_posterior_of_its_own_decoded_frame(preset, keep_map):
     """Each step's latent is the posterior of the model's own most likely frame; with keep_map, the prior's latent
@@ -1092,11 +1122,22 @@ def test_train_rssm_learns_the_places_from_the_logged_ram(data_dir, tmp_path):
     # evaluate_rssm.py also scores what the model's own heads read from its imagined states
     done = run_script("evaluate_rssm.py", "--checkpoints", tmp_path / "best_world_model.pt", "--labels", "place",
                       "--data-dir", data_dir, "--horizon", 6, "--max-sequences", 4, "--probe-windows", 4,
-                      "--probe-steps", 20, "--out-dir", tmp_path / "eval", "--threads", 1)
+                      "--probe-steps", 20, "--out-dir", tmp_path / "eval", "--threads", 1, "--futures", 3)
     assert done.returncode == 0, done.stderr[-3000:]
-    steps = json.loads((tmp_path / "eval" / "results.json").read_text())["results"]["place"]["steps"]
+    res = json.loads((tmp_path / "eval" / "results.json").read_text())["results"]["place"]
+    steps = res["steps"]
     assert len(steps) == 6 and all(np.isfinite(s["head_tile_error"]) and s["head_tile_error"] >= 0 for s in steps)
+    assert all(np.isfinite(s["head_tile_error_futures"]) and s["head_tile_error_futures"] >= 0 for s in steps)
+    assert list(res["by_window_kind_by_reading"]) == ["probe", "heads", "probe futures", "heads futures"]
     assert "own place heads" in (tmp_path / "eval" / "results.md").read_text()
+    assert "| place | 3 | place heads |" in (tmp_path / "eval" / "results.md").read_text()
+    # futures off: none of their fields
+    done = run_script("evaluate_rssm.py", "--checkpoints", tmp_path / "best_world_model.pt", "--labels", "place",
+                      "--data-dir", data_dir, "--horizon", 2, "--max-sequences", 2, "--probe-windows", 2,
+                      "--probe-steps", 2, "--out-dir", tmp_path / "eval0", "--threads", 1, "--futures", 0)
+    assert done.returncode == 0, done.stderr[-3000:]
+    res = json.loads((tmp_path / "eval0" / "results.json").read_text())["results"]["place"]
+    assert "tile_error_futures" not in res["steps"][0] and list(res["by_window_kind_by_reading"]) == ["probe", "heads"]
 
 
 def test_train_rssm_in_bfloat16_learns_and_keeps_float32_weights(data_dir, tmp_path):
@@ -1169,7 +1210,7 @@ def test_ddp_two_processes_keep_identical_weights(data_dir, tmp_path):
     assert checkpoint.load_checkpoint(tmp_path / "checkpoint_latest.pt")["step"] == 6
 
 
-def test_battle_windows_are_drawn_repeats_times_and_the_lr_schedule_anneals(data_dir):
+def test_battle_and_map_change_windows_are_drawn_repeats_times_and_the_lr_schedule_anneals(data_dir):
     from dataset import PokemonDataset
 
     train_rssm = load_script("train_rssm")
@@ -1180,18 +1221,27 @@ def test_battle_windows_are_drawn_repeats_times_and_the_lr_schedule_anneals(data
     ds.arrays["in_battles"][row] = True
     covering = starts[(starts <= row) & (row < starts + 6)]
     assert 1 <= len(covering) <= 6
-    drawn = train_rssm.repeat_battle_windows(ds, starts, 3)
+    drawn = train_rssm.repeat_event_windows(ds, starts, 3)
     values, counts = np.unique(drawn, return_counts=True)
     assert np.array_equal(values, np.unique(starts)) and len(drawn) == len(starts) + 2 * len(covering)
     assert set(values[counts == 3].tolist()) == set(covering.tolist()) and set(counts.tolist()) == {1, 3}
-    assert train_rssm.repeat_battle_windows(ds, starts, 1) is starts
+    assert train_rssm.repeat_event_windows(ds, starts, 1) is starts
+    # a map change between two rows: the windows holding both rows drawn map_change_repeats times (a battle's 3 wins)
+    ds.arrays["map_ids"] = np.zeros_like(ds.arrays["map_ids"])
+    later = int(starts[len(starts) // 4]) + 3
+    ds.arrays["map_ids"][later:] = 1  # the change between rows later - 1 and later
+    both = starts[(starts <= later - 1) & (later < starts + 6)]
+    assert 1 <= len(both) <= 5 and not set(both.tolist()) & set(covering.tolist())
+    values, counts = np.unique(train_rssm.repeat_event_windows(ds, starts, 3, 2), return_counts=True)
+    assert set(values[counts == 2].tolist()) == set(both.tolist()) and set(values[counts == 3].tolist()) == set(covering.tolist())
+    assert set(counts.tolist()) == {1, 2, 3}
 
     cfg = RSSMConfig.from_preset("tiny", lr_schedule="cosine", lr_final=0.1)
     lrs = [train_rssm.scheduled_lr(cfg, 1e-3, p) for p in (0.0, 0.25, 0.5, 1.0, 2.0)]
     assert lrs[0] == pytest.approx(1e-3) and lrs[2] == pytest.approx(5.5e-4) and lrs[3] == lrs[4] == pytest.approx(1e-4)
     assert lrs == sorted(lrs, reverse=True)
     assert train_rssm.scheduled_lr(RSSMConfig.from_preset("tiny"), 1e-3, 0.7) == 1e-3
-    for bad in ({"lr_schedule": "linear"}, {"lr_final": 1.5}, {"battle_repeats": 0}):
+    for bad in ({"lr_schedule": "linear"}, {"lr_final": 1.5}, {"battle_repeats": 0}, {"map_change_repeats": 0}):
         with pytest.raises(ValueError):
             RSSMConfig.from_preset("tiny", **bad)
 
@@ -1265,10 +1315,17 @@ def test_evaluate_rssm_writes_k_finite_rows_for_two_checkpoints(tiny_run, data_d
     done = run_script("evaluate_rssm.py", "--checkpoints", tiny_run / "best_world_model.pt",
                       tiny_run / "world_model_epoch_001.pt", "--labels", "best", "epoch1", "--data-dir", data_dir,
                       "--horizon", 6, "--max-sequences", 4, "--probe-windows", 4, "--probe-steps", 20,
-                      "--out-dir", tmp_path, "--threads", 1)
+                      "--out-dir", tmp_path, "--threads", 1, "--futures", 5)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())["results"]
     assert list(results) == ["best", "epoch1"]
+    for res in results.values():  # one guess from 5 futures, by the probe (this model has no place heads)
+        assert res["futures"] == 5 and list(res["by_window_kind_by_reading"]) == ["probe", "probe futures"]
+        assert res["by_window_kind_by_reading"]["probe"] == res["by_window_kind"]
+        futures = [s["tile_error_futures"] for s in res["steps"]]
+        assert all(np.isfinite(futures)) and min(futures) >= 0 and "head_tile_error_futures" not in res["steps"][0]
+        assert res["by_window_kind_by_reading"]["probe futures"]["quiet"]["windows"] == res["quiet_sequences"]
+    assert "median of the places read" in (tmp_path / "results.md").read_text()
     for res in results.values():
         assert [s["k"] for s in res["steps"]] == [1, 2, 3, 4, 5, 6]
         values = [v for s in res["steps"] for v in (s["tile_error"], s["map_acc"], s["psnr"])]
@@ -1342,6 +1399,9 @@ def test_probe_latent_noise_redraws_whole_latents_and_leaves_h_alone(tiny_run, d
     bad = run_script("evaluate_rssm.py", "--checkpoints", tiny_run / "best_world_model.pt", "--data-dir", data_dir,
                      "--probe-latent-noise", 1.5, "--out-dir", tmp_path)
     assert bad.returncode == 2 and "--probe-latent-noise" in bad.stderr
+    bad = run_script("evaluate_rssm.py", "--checkpoints", tiny_run / "best_world_model.pt", "--data-dir", data_dir,
+                     "--futures", -1, "--out-dir", tmp_path)
+    assert bad.returncode == 2 and "--futures" in bad.stderr
 
 
 def test_evaluate_rssm_scores_the_training_episodes_when_asked(tiny_run, data_dir, tmp_path):
