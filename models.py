@@ -466,8 +466,7 @@ class RSSMConfig:
     # of make demo's frames and the hardest to reconstruct); 1: every window once
     battle_repeats: int = 1
     # train_rssm.py draws each training window (without a battle) in which the map changes this many times per epoch
-    # (a door or a cave's mouth: ~8% of make demo's 15-frame windows; a map taken a step early or late is the
-    # largest share of the imagined place's error); 1: every window once
+    # (a door or a cave's mouth: a map taken a step early or late puts the imagined player far off); 1: every window once
     map_change_repeats: int = 1
 
     @classmethod
