@@ -27,7 +27,7 @@ evaluate_drift.py's --reproject for v1); with `--keep-map` a step keeps the prio
 would move the map the model's place heads read. `--episodes train` scores the training episodes instead (the same
 measures; against the held-out figures, the generalisation gap).
 `--futures N` (64 by default; 0: off) also draws N futures per window from the prior (each step's latent sampled
-and fed back) and scores one guess from them: the per-coordinate median of the places the probe, and the model's
+and fed back; the prior alone, also with `--reproject`) and scores one guess from them: the per-coordinate median of the places the probe, and the model's
 own place heads, read from the N futures at each step (`median_place_error`); also split by window kind.
 """
 from __future__ import annotations
@@ -74,8 +74,8 @@ def parse_args(argv=None):
                    help="with --reproject: keep the prior's latent at a step where the re-encoded one would make the "
                         "model's place heads read another map (needs a model trained with place heads)")
     p.add_argument("--futures", type=int, default=64, metavar="N",
-                   help="also draw N futures from the prior per window and score the per-coordinate median of the "
-                        "places read from them (0: off)")
+                   help="also draw N futures from the prior per window (the prior alone, also with --reproject) and "
+                        "score the per-coordinate median of the places read from them (0: off)")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     p.add_argument("--out-dir", default="outputs/eval_rssm", help="where results.json/.md and drift.png go")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run")
