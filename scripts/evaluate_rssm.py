@@ -366,8 +366,8 @@ def evaluate_checkpoint(path: Path, ds, train_starts, scored_starts, args, devic
         # when C = 1), against the same window's later frames (more seen)
         "context_tile_error": post_err[:, C - 1].mean().item(), "posterior_tile_error_by_frame": post_err.mean(0).tolist(),
         "steps": steps, "by_window_kind": by_window_kind(window_errors, kinds), "futures": args.futures,
-        # the same split for every reading of the place (the probe's is by_window_kind)
-        "by_window_kind_by_reading": {r: by_window_kind(e, kinds) for r, e in reading_errors.items()},
+        # the same split for the other readings of the place (the probe's greedy one is by_window_kind)
+        "by_window_kind_by_reading": {r: by_window_kind(e, kinds) for r, e in reading_errors.items() if r != "probe"},
     }
 
 

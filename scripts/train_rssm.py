@@ -29,7 +29,7 @@ import artifacts
 import checkpoint
 import fused
 import imagination
-from dataset import PokemonDataset, evenly, frames_to_float, world_model_inputs
+from dataset import PokemonDataset, evenly, frames_to_float, window_events, world_model_inputs
 from errors import UserError, cli
 from models import RSSM_PRESETS, RSSMConfig, WorldModel, psnr
 
@@ -133,11 +133,9 @@ def repeat_event_windows(ds: PokemonDataset, starts: np.ndarray, battle_repeats:
     window in which the map id changes `map_change_repeats` times, the rest once."""
     if battle_repeats == map_change_repeats == 1:
         return starts
-    battle = np.concatenate([[0], np.cumsum(ds.arrays["in_battles"], dtype=np.int64)])
-    has_battle = battle[starts + ds.seq_len] - battle[starts] > 0
-    maps = ds.arrays["map_ids"]
-    change = np.concatenate([[0], np.cumsum(maps[1:] != maps[:-1], dtype=np.int64)])  # change[i]: changes before row i
-    has_change = change[starts + ds.seq_len - 1] - change[starts] > 0  # between the window's first and last rows
+    rows = starts[:, None] + np.arange(ds.seq_len)  # (windows, seq_len): the RAM bytes `window_events` reads
+    events = window_events({key: torch.from_numpy(ds.arrays[key][rows]) for key in ("in_battles", "dialog_opens", "map_ids")})
+    has_battle, has_change = events["battle"].numpy(), events["map change"].numpy()
     times = np.where(has_battle, battle_repeats, np.where(has_change, map_change_repeats, 1))
     return np.concatenate([starts, np.repeat(starts, times - 1)])
 

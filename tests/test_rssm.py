@@ -1128,7 +1128,7 @@ def test_train_rssm_learns_the_places_from_the_logged_ram(data_dir, tmp_path):
     steps = res["steps"]
     assert len(steps) == 6 and all(np.isfinite(s["head_tile_error"]) and s["head_tile_error"] >= 0 for s in steps)
     assert all(np.isfinite(s["head_tile_error_futures"]) and s["head_tile_error_futures"] >= 0 for s in steps)
-    assert list(res["by_window_kind_by_reading"]) == ["probe", "heads", "probe futures", "heads futures"]
+    assert list(res["by_window_kind_by_reading"]) == ["heads", "probe futures", "heads futures"]
     assert "own place heads" in (tmp_path / "eval" / "results.md").read_text()
     assert "| place | 3 | place heads |" in (tmp_path / "eval" / "results.md").read_text()
     # futures off: none of their fields
@@ -1137,7 +1137,7 @@ def test_train_rssm_learns_the_places_from_the_logged_ram(data_dir, tmp_path):
                       "--probe-steps", 2, "--out-dir", tmp_path / "eval0", "--threads", 1, "--futures", 0)
     assert done.returncode == 0, done.stderr[-3000:]
     res = json.loads((tmp_path / "eval0" / "results.json").read_text())["results"]["place"]
-    assert "tile_error_futures" not in res["steps"][0] and list(res["by_window_kind_by_reading"]) == ["probe", "heads"]
+    assert "tile_error_futures" not in res["steps"][0] and list(res["by_window_kind_by_reading"]) == ["heads"]
 
 
 def test_train_rssm_in_bfloat16_learns_and_keeps_float32_weights(data_dir, tmp_path):
@@ -1320,8 +1320,7 @@ def test_evaluate_rssm_writes_k_finite_rows_for_two_checkpoints(tiny_run, data_d
     results = json.loads((tmp_path / "results.json").read_text())["results"]
     assert list(results) == ["best", "epoch1"]
     for res in results.values():  # one guess from 5 futures, by the probe (this model has no place heads)
-        assert res["futures"] == 5 and list(res["by_window_kind_by_reading"]) == ["probe", "probe futures"]
-        assert res["by_window_kind_by_reading"]["probe"] == res["by_window_kind"]
+        assert res["futures"] == 5 and list(res["by_window_kind_by_reading"]) == ["probe futures"]
         futures = [s["tile_error_futures"] for s in res["steps"]]
         assert all(np.isfinite(futures)) and min(futures) >= 0 and "head_tile_error_futures" not in res["steps"][0]
         assert res["by_window_kind_by_reading"]["probe futures"]["quiet"]["windows"] == res["quiet_sequences"]
