@@ -388,6 +388,10 @@ class RSSMConfig:
     # rows of the input layer are zeros in `_input_table`); True: the GRU reads every latent
     local_in_state: bool = True
     hidden: int = 256  # width of the prior / posterior / input MLPs
+    # True: the state h of a sequence's first frame is read from that frame (tanh of norm -> act -> linear on the
+    # posterior's projection of its embedding) instead of zeros, so that one observed frame puts where the player is
+    # into h directly, not only through its latents; False: zeros (the original's)
+    initial_from_frame: bool = False
     prior_layers: int = 1  # hidden layers of the prior MLP on h (0: the prior's logits are one linear layer of h)
     gru: str = "layernorm"  # "torch": nn.GRUCell on [z, action]; "layernorm": input MLP, then a LayerNorm GRU
     # "layernorm" only: the GRU's linear layer on [x, h] is block-diagonal in this many blocks (DreamerV3's
@@ -942,11 +946,23 @@ class RSSM(nn.Module):
             self.post_local_h = nn.Linear(cfg.deter, channels, bias=False)
             self.post_local = nn.Sequential(_mlp_norm(cfg.mlp_norm, channels), _ACTIVATIONS[cfg.mlp_act](),
                                             nn.Linear(channels, cfg.local_per_cell * cfg.classes))
+        self.initial_net = None
+        if cfg.initial_from_frame:  # h of a sequence's first frame, from post_embed_in's first `hidden` columns
+            self.initial_net = nn.Sequential(_mlp_norm(cfg.mlp_norm, cfg.hidden), _ACTIVATIONS[cfg.mlp_act](),
+                                             nn.Linear(cfg.hidden, cfg.deter), nn.Tanh())
 
     def initial(self, batch: int, device=None):
         """Zero state (h, z): (B, D), (B, S)."""
         cfg = self.cfg
         return torch.zeros(batch, cfg.deter, device=device), torch.zeros(batch, cfg.stoch * cfg.classes, device=device)
+
+    def first_state(self, embed_in):
+        """The state a sequence's first frame is observed from (no GRU step): (h, z) (B, D), (B, S) of `initial`,
+        with `initial_from_frame` h read from that frame's projected embedding (B, ...) (`post_embed_in`)."""
+        h, z = self.initial(len(embed_in), embed_in.device)
+        if self.initial_net is not None:
+            h = self.initial_net(embed_in[..., :self.cfg.hidden])
+        return h, z
 
     def log_probs(self, logits):
         """(..., S) raw logits -> (..., stoch, classes) log-probabilities with `unimix` uniform mixed in, in
@@ -1078,17 +1094,20 @@ class RSSM(nn.Module):
     def observe(self, embeds, actions, state=None, sample: bool | None = None):
         """Posterior over a sequence. embeds (B, T, E); actions (B, T): a_t is taken after frame t.
 
-        Starts from zeros (the first frame observed without a GRU step), or continues from
+        Starts from `first_state` (zeros, or h read from the first frame; the first frame observed without a GRU
+        step), or continues from
         `state` = (h, z, action taken after the state's frame).
         Returns dict: h (B, T, D), z (B, T, S), post_logp / prior_logp (B, T, stoch, classes).
         """
         sample = self.training if sample is None else sample
         batch, steps = embeds.shape[:2]
-        embed_in = self.post_embed_in(embeds)  # (B, T, hidden)
+        # (B, hidden) per frame; unbound once, so that the backward pass stacks the T gradients once instead of
+        # writing each into a zeroed (B, T, .) tensor (costly with local latents' wide embedding)
+        embed_in = self.post_embed_in(embeds).unbind(1)
         hs, zs, post = [], [], []
         if state is None:
-            h, z = self.initial(batch, embeds.device)
-            logp = self.posterior(h, embed_in[:, 0])
+            h, z = self.first_state(embed_in[0])
+            logp = self.posterior(h, embed_in[0])
             z = self.sample(logp, sample)
             hs.append(h), zs.append(z), post.append(logp)
             start = 1
@@ -1098,7 +1117,7 @@ class RSSM(nn.Module):
             if t > 0:
                 prev_action = actions[:, t - 1]
             h = self.deter_step(h, z, prev_action)
-            logp = self.posterior(h, embed_in[:, t])
+            logp = self.posterior(h, embed_in[t])
             z = self.sample(logp, sample)
             hs.append(h), zs.append(z), post.append(logp)
         h = torch.stack(hs, 1)  # (B, T, D)

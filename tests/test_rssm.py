@@ -435,6 +435,41 @@ def test_place_scenes_add_battle_and_text_box_heads():
         RSSMConfig.from_preset("tiny", place_scenes=True)
 
 
+def test_initial_from_frame_reads_the_first_state_from_the_frame():
+    """initial_from_frame=True: a sequence's first h is the initial net on that frame's projected embedding (so two
+    frames give two states), the same whether a window is observed whole or a PolicyAgent observes it frame by
+    frame, and the training loss reaches that net; False: zeros, as before."""
+    from agent import AgentConfig, PolicyAgent
+    torch.manual_seed(0)
+    cfg = RSSMConfig.from_preset("tiny", initial_from_frame=True)
+    wm = WorldModel(cfg).eval()
+    frames, actions, rewards, continues, _ = random_windows(2, 3)
+    with torch.no_grad():
+        states = wm.rssm.observe(wm.embed(frames), actions)
+        embed_in = wm.rssm.post_embed_in(wm.embed(frames)[:, 0])
+        torch.testing.assert_close(states["h"][:, 0], wm.rssm.initial_net(embed_in[:, :cfg.hidden]))
+        assert (states["h"][0, 0] - states["h"][1, 0]).abs().max() > 1e-3
+    agent = PolicyAgent(cfg, AgentConfig())
+    agent.wm.load_state_dict(wm.state_dict())
+    agent.eval().reset()
+    uint8 = (frames[0] * 255).round().byte().permute(0, 2, 3, 1).numpy()  # (T, H, W, 3), as the emulator gives them
+    with torch.no_grad():
+        seen = torch.from_numpy(uint8).permute(0, 3, 1, 2).float().div(255)[None]
+        whole = wm.rssm.observe(wm.embed(seen), actions[:1])
+    for t in range(3):  # the agent's belief, frame by frame, is the window's posterior (no sampling in eval)
+        if t:
+            agent.record_action(int(actions[0, t - 1]))
+        torch.testing.assert_close(agent.observe(uint8[t]), torch.cat([whole["h"][:, t], whole["z"][:, t]], -1))
+    wm.train()
+    total, _, _, _ = wm(frames, actions, rewards, continues)
+    total.backward()
+    assert wm.rssm.initial_net[-2].weight.grad.abs().sum() > 0
+    plain = WorldModel(RSSMConfig.from_preset("tiny")).eval()
+    assert plain.rssm.initial_net is None
+    with torch.no_grad():
+        assert plain.rssm.observe(plain.embed(frames), actions)["h"][:, 0].abs().max() == 0
+
+
 def test_place_heads_on_h_alone_read_no_latent():
     """place_input="deter": the heads read the GRU state h, never the latents z."""
     torch.manual_seed(0)
