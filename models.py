@@ -659,9 +659,14 @@ _RSSM_PRESET_FIELDS = {
     # (map_change_repeats=3): 2.49 / 3.75 tiles against 2.11 / 3.03, its map-change windows worse too; and
     # (two seeds each) two local latents a cell kept out of the GRU (local_latents=True, stoch=212, local_per_cell=2,
     # local_in_state=False): 29.49 and 29.33 dB, with battle_repeats=3 too 29.75 and 29.98 dB, all drifting more.
+    # The first state read from the first frame (initial_from_frame=True; session 28, two seeds against the same
+    # seeds without: 0.87 / 1.55 and 1.20 / 1.71 tiles at steps 29 / 50 by the place heads against 1.80 / 2.68 and
+    # 1.77 / 2.29, by the probe 1.37 / 1.84 and 1.61 / 2.04 against 2.11 / 3.03 and 2.14 / 2.61; 28.18 and 28.31 dB
+    # against 28.01 and 28.13). Tried and not adopted (session 28, seed 1, on local2 with battle_repeats=3):
+    # conv_kernel=2 (29.91 dB against 29.98), battle_repeats=5 instead (validation 29.57 dB against 29.94).
     "default": dict(frame_model="tiles", conv_channels=(64, 128), conv_strides=(8, 2), lr=1e-3, overshoot=5,
                     gru_blocks=8, kl_rep=0.5, place_scale=10.0, ema_decay=0.995, place_input="deter",
-                    recon_fraction=0.25),
+                    recon_fraction=0.25, initial_from_frame=True),
     # The same RSSM and heads on RGB pixels (MSE): a stride-4 patch conv then two stride-2 convs down to
     # 9x10, the mirror decoder. For frames that are not native Game Boy frames (downscaled, colour).
     "pixels": dict(),
@@ -1094,15 +1099,14 @@ class RSSM(nn.Module):
     def observe(self, embeds, actions, state=None, sample: bool | None = None):
         """Posterior over a sequence. embeds (B, T, E); actions (B, T): a_t is taken after frame t.
 
-        Starts from `first_state` (zeros, or h read from the first frame; the first frame observed without a GRU
-        step), or continues from
-        `state` = (h, z, action taken after the state's frame).
+        Starts from `first_state` (zeros, or h read from the first frame, which is observed without a GRU step), or
+        continues from `state` = (h, z, action taken after the state's frame).
         Returns dict: h (B, T, D), z (B, T, S), post_logp / prior_logp (B, T, stoch, classes).
         """
         sample = self.training if sample is None else sample
-        batch, steps = embeds.shape[:2]
-        # (B, hidden) per frame; unbound once, so that the backward pass stacks the T gradients once instead of
-        # writing each into a zeroed (B, T, .) tensor (costly with local latents' wide embedding)
+        steps = embeds.shape[1]
+        # (B, hidden) per frame (more columns with local latents), unbound once: the backward pass then stacks the
+        # T gradients once instead of writing each into a zeroed (B, T, .) tensor (costly with local latents)
         embed_in = self.post_embed_in(embeds).unbind(1)
         hs, zs, post = [], [], []
         if state is None:
