@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 import checkpoint
 import imagination
+from agent import AgentConfig, PolicyAgent
 from conftest import REPO, load_script, run_script
 from errors import UserError
 from models import RSSM, NormGRUCell, RSSMConfig, WorldModel, kl_losses, twohot_bins, twohot_decode, twohot_encode
@@ -439,7 +440,6 @@ def test_initial_from_frame_reads_the_first_state_from_the_frame():
     """initial_from_frame=True: a sequence's first h is the initial net on that frame's projected embedding (so two
     frames give two states), the same whether a window is observed whole or a PolicyAgent observes it frame by
     frame, and the training loss reaches that net; False: zeros, as before."""
-    from agent import AgentConfig, PolicyAgent
     torch.manual_seed(0)
     cfg = RSSMConfig.from_preset("tiny", initial_from_frame=True)
     wm = WorldModel(cfg).eval()
