@@ -201,10 +201,7 @@ class PolicyAgent(nn.Module):
         embed = self.wm.embed(self.frame_tensor(obs))[:, 0]  # (1, E)
         rssm = self.wm.rssm
         if self.belief is None:
-            embed_in = rssm.post_embed_in(embed)
-            h, z = rssm.first_state(embed_in)  # the first frame is observed without a GRU step
-            logp = rssm.posterior(h, embed_in)
-            z = rssm.sample(logp, sample=False)
+            h, z, _ = rssm.first_step(rssm.post_embed_in(embed), sample=False)
         else:
             action = torch.tensor([self.last_action], device=embed.device)
             h, z, _ = rssm.obs_step(*self.belief, action, embed, sample=False)

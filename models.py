@@ -659,10 +659,10 @@ _RSSM_PRESET_FIELDS = {
     # (map_change_repeats=3): 2.49 / 3.75 tiles against 2.11 / 3.03, its map-change windows worse too; and
     # (two seeds each) two local latents a cell kept out of the GRU (local_latents=True, stoch=212, local_per_cell=2,
     # local_in_state=False): 29.49 and 29.33 dB, with battle_repeats=3 too 29.75 and 29.98 dB, all drifting more.
-    # The first state read from the first frame (initial_from_frame=True; session 28, two seeds against the same
-    # seeds without: 0.87 / 1.55 and 1.20 / 1.71 tiles at steps 29 / 50 by the place heads against 1.80 / 2.68 and
-    # 1.77 / 2.29, by the probe 1.37 / 1.84 and 1.61 / 2.04 against 2.11 / 3.03 and 2.14 / 2.61; 28.18 and 28.31 dB
-    # against 28.01 and 28.13). Tried and not adopted (session 28, seed 1, on local2 with battle_repeats=3):
+    # The first state read from the first frame (initial_from_frame=True; session 28, three seeds against the same
+    # seeds without: 0.87 / 1.55, 1.20 / 1.71 and 0.97 / 1.54 tiles at steps 29 / 50 by the place heads against
+    # 1.80 / 2.68, 1.77 / 2.29 and 1.50 / 2.03, by the probe 1.37 / 1.84, 1.61 / 2.04 and 1.29 / 1.85 against
+    # 2.11 / 3.03, 2.14 / 2.61 and 1.80 / 2.40; 28.18, 28.31 and 28.20 dB against 28.01, 28.13 and 28.04). Tried and not adopted (session 28, seed 1, on local2 with battle_repeats=3):
     # conv_kernel=2 (29.91 dB against 29.98), battle_repeats=5 instead (validation 29.57 dB against 29.94); the same
     # local latents with initial_from_frame=True reconstruct at 30.10 dB and drift more than this preset (one seed).
     "default": dict(frame_model="tiles", conv_channels=(64, 128), conv_strides=(8, 2), lr=1e-3, overshoot=5,
@@ -962,13 +962,15 @@ class RSSM(nn.Module):
         cfg = self.cfg
         return torch.zeros(batch, cfg.deter, device=device), torch.zeros(batch, cfg.stoch * cfg.classes, device=device)
 
-    def first_state(self, embed_in):
-        """The state a sequence's first frame is observed from (no GRU step): (h, z) (B, D), (B, S) of `initial`,
-        with `initial_from_frame` h read from that frame's projected embedding (B, ...) (`post_embed_in`)."""
-        h, z = self.initial(len(embed_in), embed_in.device)
-        if self.initial_net is not None:
+    def first_step(self, embed_in, sample: bool):
+        """Posterior of a sequence's first frame, observed without a GRU step, from its projected embedding (B, ...)
+        (`post_embed_in`): -> h (zeros, or read from the frame with `initial_from_frame`) (B, D), z (B, S), log-probs."""
+        if self.initial_net is None:
+            h = self.initial(len(embed_in), embed_in.device)[0]
+        else:
             h = self.initial_net(embed_in[..., :self.cfg.hidden])
-        return h, z
+        logp = self.posterior(h, embed_in)
+        return h, self.sample(logp, sample), logp
 
     def log_probs(self, logits):
         """(..., S) raw logits -> (..., stoch, classes) log-probabilities with `unimix` uniform mixed in, in
@@ -1100,7 +1102,7 @@ class RSSM(nn.Module):
     def observe(self, embeds, actions, state=None, sample: bool | None = None):
         """Posterior over a sequence. embeds (B, T, E); actions (B, T): a_t is taken after frame t.
 
-        Starts from `first_state` (zeros, or h read from the first frame, which is observed without a GRU step), or
+        Starts with `first_step` (h zeros, or read from the first frame, which is observed without a GRU step), or
         continues from `state` = (h, z, action taken after the state's frame).
         Returns dict: h (B, T, D), z (B, T, S), post_logp / prior_logp (B, T, stoch, classes).
         """
@@ -1111,9 +1113,7 @@ class RSSM(nn.Module):
         embed_in = self.post_embed_in(embeds).unbind(1)
         hs, zs, post = [], [], []
         if state is None:
-            h, z = self.first_state(embed_in[0])
-            logp = self.posterior(h, embed_in[0])
-            z = self.sample(logp, sample)
+            h, z, logp = self.first_step(embed_in[0], sample)
             hs.append(h), zs.append(z), post.append(logp)
             start = 1
         else:
