@@ -1524,3 +1524,30 @@ def test_predictability_replays_the_logged_path_and_refuses_another_start(cartri
     bad = run_script("predictability.py", "--rom", cartridge_rom, "--save-state", other, "--data-dir", data,
                      "--val-split", 0.5, "--horizon", 12, "--max-sequences", 6, "--draws", 1, "--out-dir", tmp_path / "bad")
     assert bad.returncode == 2 and "leaves the logged path" in bad.stderr, bad.stderr[-2000:]
+
+
+def test_local_detached_keeps_the_local_prior_off_the_gru():
+    """local_detached: the prior's logits are the same values, the local latents' KL reaches the prior's layers but
+    not h, the global latents' KL reaches h, and overshooting pulls the global latents alone; the model trains."""
+    torch.manual_seed(0)
+    cfg = tiles_config(stoch=94, local_latents=True, local_in_state=False, local_detached=True, place_input="deter",
+                       overshoot=2, place_scale=1.0)
+    wm = WorldModel(cfg)
+    rssm, classes = wm.rssm, cfg.classes
+    h = torch.randn(3, cfg.deter, requires_grad=True)
+    logits = rssm.prior_logits(h)
+    assert torch.allclose(logits, rssm.prior_net(h), atol=1e-6)
+    logits[:, 4 * classes:].sum().backward()  # the local latents' logits alone
+    assert h.grad is None or h.grad.abs().sum() == 0
+    assert rssm.prior_net[-1].weight.grad[4 * classes:].abs().sum() > 0
+    rssm.prior_logits(h)[:, :4 * classes].sum().backward()
+    assert h.grad.abs().sum() > 0
+    _, z, logp = rssm.img_step(h, torch.zeros(3, 94 * classes), torch.tensor([0, 1, 2]), state_only=True)
+    assert z.shape == (3, 4 * classes) and logp.shape == (3, 4, classes)
+    total, losses, _, _ = wm(None, torch.randint(0, 8, (2, 4)), torch.zeros(2, 4), torch.ones(2, 4),
+                             tile_ids=torch.randint(0, 64, (2, 4, 18, 20)), frame_metrics=False,
+                             places={key: torch.randint(0, 5, (2, 4)) for key in ("xs", "ys", "map_ids", "facings")})
+    total.backward()
+    assert torch.isfinite(losses["overshoot"]) and rssm.img_in[0].weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="local_detached"):
+        tiles_config(local_detached=True)
