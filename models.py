@@ -1023,7 +1023,8 @@ class RSSM(nn.Module):
 
     def prior_logits(self, h, state_only: bool = False):
         """The prior's logits (..., S) of h (..., D), or of the latents the GRU reads alone (`state_only`); with
-        `local_detached` the local latents' logits, the same values, pass no gradient back to h."""
+        `local_detached` the local latents' logits, the same values, pass no gradient back to h (in training the
+        prior's hidden layers then run twice, on h and on h detached; without gradients, once)."""
         if not (state_only or (self.cfg.local_detached and torch.is_grad_enabled())):
             return self.prior_net(h)
         hidden, out, width = self.prior_net[:-1], self.prior_net[-1], self.state_width
