@@ -11,6 +11,8 @@ OUT    ?= outputs/demo
 DEMO_STEPS          ?= 20000
 DEMO_EPISODE_LENGTH ?= 500
 DEMO_MINUTES        ?= 20
+# world-model preset: default (two local latents a cell; session 30, bfloat16 CPUs) or global (session 28's default,
+# which drifted less in float32 on an AVX2 CPU)
 DEMO_PRESET         ?= default
 # training precision (RSSMConfig.train_precision): auto = bfloat16 where the CPU or GPU computes it natively, else
 # float32; at batch 16 bfloat16 drifted less at step 50 (3.02 against 3.45 tiles, five seeds against three; README, session 21)

@@ -98,7 +98,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads of the model measurements")
     p.add_argument("--emu-steps", type=int, default=None, help="env steps per emulator measurement (and per worker)")
     p.add_argument("--episode-length", type=int, default=None, help="steps per episode of the collectors")
-    p.add_argument("--presets", nargs="+", default=["faithful", "default"], choices=("faithful", "default", "pixels", "tiny"),
+    p.add_argument("--presets", nargs="+", default=["faithful", "default"],
+                   choices=("faithful", "default", "global", "pixels", "tiny"),
                    help="world-model presets to train, imagine and decode with")
     p.add_argument("--train-steps", type=int, default=None, help="timed training steps per preset (after 1 warm-up)")
     p.add_argument("--imagine-batch", type=int, default=None, help="imagination batch (1024 in the full run)")

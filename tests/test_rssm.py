@@ -589,7 +589,7 @@ def test_futures_are_prior_samples_fed_back_and_their_median_is_per_coordinate()
     assert median_place_error(read_x, read_y, torch.tensor([[6.0]]), torch.tensor([[1.0]])).tolist() == [[4.0]]
 
 
-@pytest.mark.parametrize("preset, keep_map", [("default", False), ("tiny", False), ("default", True)])
+@pytest.mark.parametrize("preset, keep_map", [("default", False), ("global", False), ("tiny", False), ("global", True)])
 def test_reprojected_imagination_feeds_back_the_posterior_of_its_own_decoded_frame(preset, keep_map):
     """Each step's latent is the posterior of the model's own most likely frame; with keep_map, the prior's latent
     where the place heads read another map from it (the default preset has place heads)."""
@@ -635,11 +635,10 @@ def test_reprojected_imagination_feeds_back_the_posterior_of_its_own_decoded_fra
 
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("preset, overrides, tie", [
-    ("default", {}, False), ("default", {"gru_blocks": 1}, False), ("default", {}, True),
-    ("default", {"prior_layers": 0}, False), ("default", {"prior_layers": 2}, False),
+    ("default", {}, False), ("default", {}, True), ("global", {}, False), ("global", {"gru_blocks": 1}, False),
+    ("global", {"prior_layers": 0}, False), ("global", {"prior_layers": 2}, False),
     ("pixels", {"gru_blocks": 1}, False), ("faithful", {}, False), ("tiny", {}, False),
-    ("default", {"local_latents": True, "stoch": 122}, False),
-    ("default", {"local_latents": True, "stoch": 122, "local_in_state": False}, False)])
+    ("global", {"local_latents": True, "stoch": 122}, False)])
 def test_greedy_rollout_equals_the_plain_prior_loop(preset, overrides, tie, fused):
     """RSSM.greedy_rollout, in fused.cpp's loop (every preset but faithful) and in torch's, against
     img_step in a loop."""
