@@ -60,7 +60,9 @@ def parse_args(argv=None):
     p.add_argument("--save-interval", type=int, default=5, help="write world_model_epoch_NNN.pt every N epochs")
     p.add_argument("--max-files", type=int, default=None, help="use only the first N data chunks")
     p.add_argument("--preset", choices=RSSM_PRESETS, default="default",
-                   help="model preset: faithful (the original, ~56.7 M), default (DreamerV3 recipes, CPU-sized), tiny (tests)")
+                   help="model preset: faithful (the original, ~56.7 M), default (DreamerV3 recipes, CPU-sized, two "
+                        "local latents a cell), global (the default before session 30: no local latents), pixels, "
+                        "tiny (tests)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one RSSMConfig field (value parsed as JSON), e.g. --set deter=512; repeatable")
     p.add_argument("--seed", type=int, default=0, help="seed of model init, data order, sampling and the split")

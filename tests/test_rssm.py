@@ -592,7 +592,8 @@ def test_futures_are_prior_samples_fed_back_and_their_median_is_per_coordinate()
 @pytest.mark.parametrize("preset, keep_map", [("default", False), ("global", False), ("tiny", False), ("global", True)])
 def test_reprojected_imagination_feeds_back_the_posterior_of_its_own_decoded_frame(preset, keep_map):
     """Each step's latent is the posterior of the model's own most likely frame; with keep_map, the prior's latent
-    where the place heads read another map from it (the default preset has place heads)."""
+    where the place heads read another map from it (the global preset has place heads; keep_map needs them on the
+    features, which local_detached, the default's, does not allow)."""
     torch.manual_seed(0)
     wm = WorldModel(RSSMConfig.from_preset(preset, **({"place_input": "features"} if keep_map else {}))).eval()
     if wm.tiles is not None:
