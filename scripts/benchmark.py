@@ -77,6 +77,7 @@ from env import (ACTIONS, DEFAULT_ROM, PRESS_FRAMES, PokemonEnv, identify_rom, m
                  parse_resolution)
 from errors import UserError, cli
 from game_state import read_state
+from models import RSSM_PRESETS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -99,7 +100,7 @@ def parse_args(argv=None):
     p.add_argument("--emu-steps", type=int, default=None, help="env steps per emulator measurement (and per worker)")
     p.add_argument("--episode-length", type=int, default=None, help="steps per episode of the collectors")
     p.add_argument("--presets", nargs="+", default=["faithful", "default"],
-                   choices=("faithful", "default", "global", "pixels", "tiny"),
+                   choices=RSSM_PRESETS,
                    help="world-model presets to train, imagine and decode with")
     p.add_argument("--train-steps", type=int, default=None, help="timed training steps per preset (after 1 warm-up)")
     p.add_argument("--imagine-batch", type=int, default=None, help="imagination batch (1024 in the full run)")
