@@ -985,14 +985,15 @@ class RSSM(nn.Module):
         cfg = self.cfg
         return torch.zeros(batch, cfg.deter, device=device), torch.zeros(batch, cfg.stoch * cfg.classes, device=device)
 
-    def first_step(self, embed_in, sample: bool):
+    def first_step(self, embed_in, sample: bool, local: bool = True):
         """Posterior of a sequence's first frame, observed without a GRU step, from its projected embedding (B, ...)
-        (`post_embed_in`): -> h (zeros, or read from the frame with `initial_from_frame`) (B, D), z (B, S), log-probs."""
+        (`post_embed_in`): -> h (zeros, or read from the frame with `initial_from_frame`) (B, D), z (B, S), log-probs
+        (`local` False: of the latents before the local ones alone, see `posterior`)."""
         if self.initial_net is None:
             h = self.initial(len(embed_in), embed_in.device)[0]
         else:
             h = self.initial_net(embed_in[..., :self.cfg.hidden])
-        logp = self.posterior(h, embed_in)
+        logp = self.posterior(h, embed_in, local)
         return h, self.sample(logp, sample), logp
 
     def log_probs(self, logits):
@@ -1117,16 +1118,21 @@ class RSSM(nn.Module):
             return torch.add(new, update * (h - new), out=out)
         return self.cell(self.img_in[1:](x), h, out=out)
 
-    def posterior(self, h, embed_in):
-        """(B, D) state and (B, hidden) projected embedding (`post_embed_in(embed)`; with local latents also each
-        cell's projected channels after it) -> (B, stoch, classes) log-probs."""
+    def posterior(self, h, embed_in, local: bool = True):
+        """(..., D) state and (..., hidden) projected embedding (`post_embed_in(embed)`; with local latents also each
+        cell's projected channels after it) -> (..., stoch, classes) log-probs; `local` False: of the latents before
+        the local ones alone (each latent's log-probs are its own: the rest can be made apart, `local_posterior`)."""
         hidden = self.cfg.hidden
-        logits = self.post_net(self.post_h_in(h) + embed_in[..., :hidden])
-        if self.local_cells:
-            cells = embed_in[..., hidden:].unflatten(-1, (self.local_cells, -1))  # (B, cells, C)
-            local = self.post_local(cells + self.post_local_h(h).unsqueeze(-2))  # (B, cells, classes)
-            logits = torch.cat([logits, local.flatten(-2)], -1)
-        return self.log_probs(logits)
+        logp = self.log_probs(self.post_net(self.post_h_in(h) + embed_in[..., :hidden]))
+        if self.local_cells and local:
+            logp = torch.cat([logp, self.local_posterior(h, embed_in)], -2)
+        return logp
+
+    def local_posterior(self, h, embed_in):
+        """The local latents' posterior log-probs (..., local_count, classes): each cell's from its own projected
+        channels (embed_in's columns after `hidden`) and h."""
+        cells = embed_in[..., self.cfg.hidden:].unflatten(-1, (self.local_cells, -1))  # (..., cells, C)
+        return self.log_probs(self.post_local(cells + self.post_local_h(h).unsqueeze(-2)).flatten(-2))
 
     def obs_step(self, h, z, action, embed, sample: bool | None = None):
         """Posterior step given the next frame's embedding (B, E): -> h, z, posterior log-probs."""
@@ -1144,12 +1150,16 @@ class RSSM(nn.Module):
         """
         sample = self.training if sample is None else sample
         steps = embeds.shape[1]
-        # (B, hidden) per frame (more columns with local latents), unbound once: the backward pass then stacks the
-        # T gradients once instead of writing each into a zeroed (B, T, .) tensor (costly with local latents)
-        embed_in = self.post_embed_in(embeds).unbind(1)
+        # (B, T, hidden) (more columns with local latents), and per frame, unbound once: the backward pass then
+        # stacks the T gradients once instead of writing each into a zeroed (B, T, .) tensor
+        projected = self.post_embed_in(embeds)
+        embed_in = projected.unbind(1)
+        # local latents the GRU does not read: only h_t decides them besides the frame, so the loop makes the
+        # others and the local ones come after it, all T steps in one pass (the same values, fewer and larger ops)
+        apart = bool(self.local_cells) and not self.cfg.local_in_state
         hs, zs, post = [], [], []
         if state is None:
-            h, z, logp = self.first_step(embed_in[0], sample)
+            h, z, logp = self.first_step(embed_in[0], sample, local=not apart)
             hs.append(h), zs.append(z), post.append(logp)
             start = 1
         else:
@@ -1158,12 +1168,15 @@ class RSSM(nn.Module):
             if t > 0:
                 prev_action = actions[:, t - 1]
             h = self.deter_step(h, z, prev_action)
-            logp = self.posterior(h, embed_in[t])
+            logp = self.posterior(h, embed_in[t], local=not apart)
             z = self.sample(logp, sample)
             hs.append(h), zs.append(z), post.append(logp)
-        h = torch.stack(hs, 1)  # (B, T, D)
+        h, z, post = torch.stack(hs, 1), torch.stack(zs, 1), torch.stack(post, 1)  # (B, T, .)
+        if apart:
+            local = self.local_posterior(h, projected)  # (B, T, local_count, classes)
+            z, post = torch.cat([z, self.sample(local, sample)], -1), torch.cat([post, local], -2)
         prior_logp = self.log_probs(self.prior_logits(h))  # (B, T, stoch, classes)
-        return {"h": h, "z": torch.stack(zs, 1), "post_logp": torch.stack(post, 1), "prior_logp": prior_logp}
+        return {"h": h, "z": z, "post_logp": post, "prior_logp": prior_logp}
 
 
 def psnr(mse):

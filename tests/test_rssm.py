@@ -203,6 +203,47 @@ def test_local_latents_out_of_the_state_leave_the_gru_alone():
         tiles_config(local_in_state=False)
 
 
+def test_observe_equals_a_step_by_step_posterior_loop_with_the_local_latents_made_after_it():
+    """observe() draws local latents the GRU does not read after its loop, all steps at once: the same states,
+    log-probs and gradients as the plain loop (each step's whole posterior, then its sample), from the first
+    frame and from a state carried on; and where the GRU reads them (local_in_state), inside the loop as before."""
+    for local_in_state in (False, True):
+        torch.manual_seed(0)
+        wm = WorldModel(tiles_config(stoch=94, local_latents=True, local_in_state=local_in_state,
+                                     initial_from_frame=True))
+        rssm, classes = wm.rssm, wm.cfg.classes
+        embeds, actions = torch.randn(2, 4, wm.encoder.out_dim), torch.randint(0, 8, (2, 4))
+
+        def plain(state=None):
+            embed_in = rssm.post_embed_in(embeds)
+            if state is None:
+                h, z, logp = rssm.first_step(embed_in[:, 0], False)
+                hs, zs, post, start = [h], [z], [logp], 1
+            else:
+                (h, z, prev), hs, zs, post, start = state, [], [], [], 0
+            for t in range(start, 4):
+                h = rssm.deter_step(h, z, actions[:, t - 1] if t else prev)
+                logp = rssm.posterior(h, embed_in[:, t])
+                z = rssm.sample(logp, False)
+                hs.append(h), zs.append(z), post.append(logp)
+            return {"h": torch.stack(hs, 1), "z": torch.stack(zs, 1), "post_logp": torch.stack(post, 1)}
+
+        for state in (None, (torch.randn(2, wm.cfg.deter), torch.rand(2, 94 * classes), actions[:, 0])):
+            grads = []
+            for way in (lambda: rssm.observe(embeds, actions, state, sample=False), lambda: plain(state)):
+                rssm.zero_grad()
+                out = way()
+                (out["post_logp"].exp() * torch.linspace(-1, 1, 94 * classes).view(94, classes)).sum().backward()
+                grads.append([p.grad.clone() for p in rssm.parameters() if p.grad is not None])
+                if len(grads) == 1:
+                    got = {k: out[k].detach() for k in ("h", "z", "post_logp")}
+            for key in got:
+                torch.testing.assert_close(got[key], out[key].detach())
+            assert len(grads[0]) == len(grads[1]) > 0
+            for a, b in zip(*grads):
+                torch.testing.assert_close(a, b)
+
+
 def test_embed_dropout_hides_whole_cells_in_training_only():
     torch.manual_seed(0)
     plain, masked = WorldModel(tiles_config()), WorldModel(tiles_config(embed_dropout=0.25))
