@@ -780,17 +780,29 @@ class Encoder(nn.Module):
         self.out_dim = cfg.embed_dim or flat
         self.channels_last = cfg.channels_last
         self.embed_dropout = cfg.embed_dropout
+        # the norm and activation after the tile lookup act on each cell's vector alone (not a batch norm): they can
+        # act on the table's rows instead, once per tile id rather than once per cell of every frame (the same values)
+        self.per_tile_table = cfg.frame_model == "tiles" and cfg.conv_norm != "batch"
+
+    def tile_table(self) -> torch.Tensor:
+        """(tile_vocab, C): what the tile lookup, its norm and its activation give each tile id."""
+        norm, act = self.convs[0], self.convs[1]
+        return act(norm.norm(self.tile_embed.weight) if isinstance(norm, ChannelNorm) else norm(self.tile_embed.weight))
 
     def forward(self, frames):
+        convs = self.convs
         if self.tile_embed is not None:
-            frames = self.tile_embed(frames)  # (N, H/8, W/8, C)
-            if self.training and self.embed_dropout > 0:  # whole cells: one draw per tile
-                keep = torch.rand(frames.shape[:-1] + (1,), device=frames.device) >= self.embed_dropout
-                frames = frames * keep / (1 - self.embed_dropout)
+            if self.per_tile_table and not (self.training and self.embed_dropout > 0):
+                frames, convs = F.embedding(frames, self.tile_table()), convs[2:]  # (N, H/8, W/8, C), normed
+            else:
+                frames = self.tile_embed(frames)  # (N, H/8, W/8, C)
+                if self.training and self.embed_dropout > 0:  # whole cells: one draw per tile
+                    keep = torch.rand(frames.shape[:-1] + (1,), device=frames.device) >= self.embed_dropout
+                    frames = frames * keep / (1 - self.embed_dropout)
             frames = frames.permute(0, 3, 1, 2)  # (N, C, H/8, W/8), channels-last in memory
         elif self.channels_last:
             frames = frames.contiguous(memory_format=torch.channels_last)
-        x = self.convs(frames)  # (N, C, h, w)
+        x = convs(frames)  # (N, C, h, w)
         return self.fc(x.flatten(1))  # (N, E)
 
 

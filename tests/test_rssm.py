@@ -244,6 +244,33 @@ def test_observe_equals_a_step_by_step_posterior_loop_with_the_local_latents_mad
                 torch.testing.assert_close(a, b)
 
 
+def test_tile_encoder_norms_its_table_once_per_tile_as_it_would_each_cell():
+    """A tiles encoder puts its lookup's norm and activation on the table's rows (once per tile id): the same
+    embeddings and gradients as on every cell of every frame, in float32 and under bfloat16 autocast; not with a
+    batch norm (it reads the batch) nor while embed_dropout hides cells."""
+    for conv_norm in ("layer", "none"):
+        torch.manual_seed(0)
+        cfg = tiles_config(conv_norm=conv_norm)
+        per_tile, per_cell = WorldModel(cfg).encoder, WorldModel(cfg).encoder
+        per_cell.load_state_dict(per_tile.state_dict())
+        per_cell.per_tile_table = False
+        assert per_tile.per_tile_table
+        ids = torch.randint(0, 64, (6, 18, 20))
+        for low in (False, True):
+            grads = []
+            for encoder in (per_tile, per_cell):
+                encoder.zero_grad()
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=low):
+                    out = encoder(ids)
+                (out.float() * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+                grads.append((out.detach().float(), [p.grad.clone() for p in encoder.parameters()]))
+            (a, a_grads), (b, b_grads) = grads
+            torch.testing.assert_close(a, b, atol=1e-2 if low else 1e-5, rtol=1e-2 if low else 1e-5)
+            for x, y in zip(a_grads, b_grads):
+                torch.testing.assert_close(x, y, atol=5e-2 if low else 1e-4, rtol=5e-2 if low else 1e-4)
+    assert not WorldModel(tiles_config(conv_norm="batch")).encoder.per_tile_table
+
+
 def test_embed_dropout_hides_whole_cells_in_training_only():
     torch.manual_seed(0)
     plain, masked = WorldModel(tiles_config()), WorldModel(tiles_config(embed_dropout=0.25))
