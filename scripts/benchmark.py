@@ -103,6 +103,11 @@ def parse_args(argv=None):
                    choices=RSSM_PRESETS,
                    help="world-model presets to train, imagine and decode with")
     p.add_argument("--train-steps", type=int, default=None, help="timed training steps per preset (after 1 warm-up)")
+    p.add_argument("--train-batch-size", type=int, default=None,
+                   help="windows per timed training step (8 in the full run; make demo trains with 16)")
+    p.add_argument("--train-precision", choices=("float32", "bfloat16", "auto"), default=None,
+                   help="precision of the timed training steps but the original's (default: each preset's "
+                        "train_precision; make demo trains with auto)")
     p.add_argument("--imagine-batch", type=int, default=None, help="imagination batch (1024 in the full run)")
     p.add_argument("--horizon", type=int, default=None, help="imagined steps per rollout (15 in the full run)")
     p.add_argument("--hot-paths", action="store_true",
@@ -116,14 +121,16 @@ def parse_args(argv=None):
     for key in ("emu_steps", "episode_length", "imagine_batch", "horizon"):
         if getattr(args, key) is not None:
             sizes[key] = getattr(args, key)
+    if args.train_batch_size is not None:
+        sizes["batch_size"] = args.train_batch_size
     if args.train_steps is not None:
         sizes["train_steps"] = {preset: args.train_steps for preset in sizes["train_steps"]}
     for key in ("emu_steps", "episode_length", "imagine_batch", "horizon"):
         if sizes[key] < 1:
             raise UserError(f"--{key.replace('_', '-')} {sizes[key]} must be at least 1")
-    for key in ("workers", "threads"):
-        if getattr(args, key) < 1:
-            raise UserError(f"--{key} {getattr(args, key)} must be at least 1")
+    for key in ("workers", "threads", "train_batch_size"):
+        if getattr(args, key) is not None and getattr(args, key) < 1:
+            raise UserError(f"--{key.replace('_', '-')} {getattr(args, key)} must be at least 1")
     if min(sizes["train_steps"].values()) < 1:
         raise UserError(f"--train-steps {args.train_steps} must be at least 1")
     if args.against and "default" not in args.presets:
@@ -370,7 +377,7 @@ def original_forward(torch, wm, frames, actions, rewards, continues):
 
 
 def _training_way(conn, way, data_dir, preset, batch_size, seq_len, threads, channels_last, compile_model,
-                  against_path=None):
+                  against_path=None, precision=None):
     """One way's training loop in its own process (measure_training's child): builds the data and the
     model, then times one whole step (data included) each time it is asked. "ours" starts the way
     train_rssm.py does (checkpoint.keep_freed_memory); "original" with the allocator untouched; "at_<REV>"
@@ -387,8 +394,10 @@ def _training_way(conn, way, data_dir, preset, batch_size, seq_len, threads, cha
     try:  # bad input (the data, another models.py): measure_training raises it again, one line and exit 2
         ds = PokemonDataset(data_dir, seq_len=seq_len)
         wm = _world_model(torch, preset, ds.resolution, channels_last, frames=ds.obs)
-        # as train_rssm.py: the preset's train_precision on this machine (the original's loop: float32)
-        precision = "float32" if way == "original" else checkpoint.train_precision(wm.cfg.train_precision, "cpu")
+        # as train_rssm.py: the preset's train_precision (or --train-precision) on this machine (the original's
+        # loop: float32)
+        precision = ("float32" if way == "original"
+                     else checkpoint.train_precision(precision or wm.cfg.train_precision, "cpu"))
         if way.startswith("at_"):
             wm = _model_from_file(Path(against_path), preset, ds.resolution, wm)
     except UserError as err:
@@ -429,7 +438,7 @@ def _training_way(conn, way, data_dir, preset, batch_size, seq_len, threads, cha
 
 
 def measure_training(data_dir, preset, batch_size, seq_len, steps, threads, ways=("ours",), channels_last=None,
-                     compile_model=False, against_path=None) -> dict:
+                     compile_model=False, against_path=None, precision=None) -> dict:
     """Median seconds of one whole training step (data included) after one warm-up -> frames/s.
     Each way runs in its own forked process (its own allocator state and peak RSS); with
     ways=("ours", "original") the two take turns step by step, so that a change in the machine's load
@@ -440,7 +449,8 @@ def measure_training(data_dir, preset, batch_size, seq_len, steps, threads, ways
         for way in ways:
             parent, child = context.Pipe()
             process = context.Process(target=_training_way, args=(child, way, data_dir, preset, batch_size, seq_len,
-                                                                   threads, channels_last, compile_model, against_path))
+                                                                   threads, channels_last, compile_model, against_path,
+                                                                   precision))
             process.start()
             child.close()
             children[way] = (process, parent)
@@ -778,7 +788,8 @@ def run(args) -> dict:
         record(f"collect_{args.workers}_workers", measure_collector, steps=s["emu_steps"] * args.workers,
                save_interval=s["save_interval"], workers=args.workers, resolution=s["resolution"],
                out_dir=tmp / "workers", **emu)
-        train = dict(data_dir=data_dir, batch_size=s["batch_size"], seq_len=s["seq_len"], threads=threads)
+        train = dict(data_dir=data_dir, batch_size=s["batch_size"], seq_len=s["seq_len"], threads=threads,
+                     precision=args.train_precision)
         against = None
         if args.against:
             path = tmp / f"models_at_{re.sub(r'[^A-Za-z0-9]', '_', args.against)}.py"

@@ -177,12 +177,19 @@ def test_training_step_as_before_session_10_is_timed_in_turns(collected_data):
                                       threads=1, ways=("every_step", "ours"))
     assert both["value"] > 0 and both["ours"] > 0 and both["config"]["way"] == "every_step"
     assert both["config"]["interleaved_with"] == ["ours"]
+    assert both["config"]["precision"] == "float32"  # the default preset's field
+    low = benchmark.measure_training(collected_data("144x160"), preset="default", batch_size=2, seq_len=4, steps=1,
+                                     threads=1, precision="bfloat16")  # --train-precision
+    assert low["value"] > 0 and low["config"]["precision"] == "bfloat16"
 
 
 def test_bad_flags_exit_2(tmp_path):
     done = run_script("benchmark.py", "--quick", "--workers", "0", "--out", tmp_path / "b.json")
     errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
     assert done.returncode == 2 and errors == ["error: --workers 0 must be at least 1"], done.stderr
+    done = run_script("benchmark.py", "--quick", "--train-batch-size", "0", "--out", tmp_path / "b.json")
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert done.returncode == 2 and errors == ["error: --train-batch-size 0 must be at least 1"], done.stderr
     assert "Traceback" not in done.stderr
     done = run_script("benchmark.py", "--quick", "--against", "no-such-revision", "--out", tmp_path / "b.json")
     errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
