@@ -785,9 +785,9 @@ class Encoder(nn.Module):
         self.per_tile_table = cfg.frame_model == "tiles" and cfg.conv_norm != "batch"
 
     def tile_table(self) -> torch.Tensor:
-        """(tile_vocab, C): what the tile lookup, its norm and its activation give each tile id."""
-        norm, act = self.convs[0], self.convs[1]
-        return act(norm.norm(self.tile_embed.weight) if isinstance(norm, ChannelNorm) else norm(self.tile_embed.weight))
+        """(tile_vocab, C): what the tile lookup, its norm and its activation give each tile id (the table's rows
+        passed through them as 1 x 1 maps)."""
+        return self.convs[:2](self.tile_embed.weight[:, :, None, None]).flatten(1)
 
     def forward(self, frames):
         convs = self.convs

@@ -187,6 +187,7 @@ def test_bad_flags_exit_2(tmp_path):
     done = run_script("benchmark.py", "--quick", "--workers", "0", "--out", tmp_path / "b.json")
     errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
     assert done.returncode == 2 and errors == ["error: --workers 0 must be at least 1"], done.stderr
+    assert "Traceback" not in done.stderr
     done = run_script("benchmark.py", "--quick", "--train-batch-size", "0", "--out", tmp_path / "b.json")
     errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
     assert done.returncode == 2 and errors == ["error: --train-batch-size 0 must be at least 1"], done.stderr
