@@ -201,25 +201,24 @@ class PokemonDataset:
 
     window_starts: int64 global row indices of the valid windows (never crossing an episode
     start or a file boundary). get_batch(starts) -> dict of (B, T, ...) tensors.
+    `extra_dirs`: more folders whose chunks come after data_dir's and only ever train (split() holds out
+    data_dir's episodes alone, the same ones as without them); main_rows is where they begin.
     """
 
-    def __init__(self, data_dir, seq_len: int = 15, max_files=None):
+    def __init__(self, data_dir, seq_len: int = 15, max_files=None, extra_dirs=()):
         self.data_dir = Path(data_dir)
         self.seq_len = int(seq_len)
         if self.seq_len < 1:
             raise UserError(f"seq_len {seq_len} must be at least 1")
-        if not self.data_dir.is_dir():
-            raise UserError(f"data folder {self.data_dir} does not exist; collect data with scripts/collect_data.py")
-        self.files = list_chunks(self.data_dir)
-        if max_files is not None:
-            self.files = self.files[: int(max_files)]
-        if not self.files:
-            raise UserError(f"data folder {self.data_dir} has no transitions_NNNN.npz chunks; "
-                            "collect data with scripts/collect_data.py")
+        self.files = self._chunks(self.data_dir, max_files)
+        main_files = len(self.files)
+        for extra in extra_dirs:
+            self.files += self._chunks(Path(extra))
         self.resolution = None  # (H, W), from the first chunk; every other chunk must match
         rows = [self._check_file(path) for path in self.files]
         self.file_rows = np.array(rows, dtype=np.int64)
         self.file_offsets = np.concatenate([[0], np.cumsum(self.file_rows)])
+        self.main_rows = int(self.file_offsets[main_files])
         self.arrays = {}
         for key, (dtype, row_shape) in CHUNK_FIELDS.items():
             shape = (*self.resolution, 3) if key == "obs" else row_shape
@@ -233,6 +232,17 @@ class PokemonDataset:
         self.window_starts = self._windows()
 
     # --- loading ----------------------------------------------------------------------
+    @staticmethod
+    def _chunks(folder: Path, max_files=None) -> list:
+        """`folder`'s chunks (its first max_files), or a UserError where there are none."""
+        if not folder.is_dir():
+            raise UserError(f"data folder {folder} does not exist; collect data with scripts/collect_data.py")
+        files = list_chunks(folder)[:max_files]
+        if not files:
+            raise UserError(f"data folder {folder} has no transitions_NNNN.npz chunks; "
+                            "collect data with scripts/collect_data.py")
+        return files
+
     def _open(self, path):
         try:
             return np.load(path, allow_pickle=False)
@@ -303,8 +313,9 @@ class PokemonDataset:
     def split(self, val_split: float = 0.1, seed: int = 0):
         """(train_starts, val_starts): whole episodes go to one side, drawn with `seed` from the episodes
         ordered by their content (`episode_key`), not by file order: collect_data.py numbers chunks in the
-        order its workers finish them, so the same data can come in another file order on another day."""
-        episodes = np.unique(self.segment_ids[self.window_starts])
+        order its workers finish them, so the same data can come in another file order on another day.
+        Only data_dir's episodes are drawn from; those of extra_dirs all train."""
+        episodes = np.unique(self.segment_ids[self.window_starts[self.window_starts < self.main_rows]])
         if val_split <= 0:
             return self.window_starts.copy(), np.zeros(0, np.int64)
         if len(episodes) < 2:

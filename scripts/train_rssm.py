@@ -48,6 +48,9 @@ def make_optimizer(wm: WorldModel, lr: float) -> torch.optim.Optimizer:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default="data", help="folder of transitions_NNNN.npz chunks")
+    p.add_argument("--extra-data-dir", dest="extra_data_dirs", action="append", default=[], metavar="DIR",
+                   help="another folder of chunks whose episodes all train (the held-out ones stay --data-dir's, "
+                        "as without it: more data, the same validation); repeatable")
     p.add_argument("--epochs", type=int, default=20, help="passes over the training windows")
     p.add_argument("--batch-size", type=int, default=32, help="windows per batch (per process under torchrun)")
     p.add_argument("--seq-len", type=int, default=15, help="frames per training window")
@@ -256,7 +259,7 @@ def main(argv=None):
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise UserError(f"cannot create the run folder {out_dir} ({err.strerror}); choose another --out-dir") from None
-    ds = PokemonDataset(args.data_dir, seq_len=args.seq_len, max_files=args.max_files)
+    ds = PokemonDataset(args.data_dir, seq_len=args.seq_len, max_files=args.max_files, extra_dirs=args.extra_data_dirs)
     for key in ("rewards",):
         bad = np.flatnonzero(~np.isfinite(ds.arrays[key]))
         if len(bad):
