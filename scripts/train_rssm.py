@@ -264,9 +264,13 @@ def main(argv=None):
         bad = np.flatnonzero(~np.isfinite(ds.arrays[key]))
         if len(bad):
             chunk = ds.files[int(np.searchsorted(ds.file_offsets, bad[0], side="right")) - 1]
-            raise UserError(f"chunk {chunk} holds non-finite {key} ({len(bad)} rows in {args.data_dir}); "
+            raise UserError(f"chunk {chunk} holds non-finite {key} ({len(bad)} rows of the data); "
                             f"delete or recollect it")
     train_starts, val_starts = ds.split(args.val_split, seed=args.seed if args.split_seed is None else args.split_seed)
+    if main_process:
+        extra = f" ({int((train_starts >= ds.main_rows).sum())} from --extra-data-dir)" if args.extra_data_dirs else ""
+        print(f"data: {len(train_starts)} training windows of {args.seq_len} frames{extra}, {len(val_starts)} held out "
+              f"({ds.num_rows} frames)", flush=True)
     global_batch = args.batch_size * world
     if len(train_starts) < global_batch:
         raise UserError(f"{args.data_dir} has {len(train_starts)} training windows of {args.seq_len} frames, fewer than one "

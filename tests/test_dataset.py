@@ -25,9 +25,10 @@ def fake_state(row: int) -> GameState:
                      party_max_hps=(30, 0, 0, 0, 0, 0), party_levels=(5, 0, 0, 0, 0, 0), enemy_hp=0)
 
 
-def write_chunks(folder, files):
-    """files: list of lists of episode lengths (one list per file); returns the row count."""
-    row = 0
+def write_chunks(folder, files, first_row: int = 0):
+    """files: list of lists of episode lengths (one list per file); returns the row count. Rows carry their
+    number from first_row on (fake_state)."""
+    row = first_row
     for number, episodes in enumerate(files, start=1):
         buffer = ChunkBuffer(sum(episodes), RES)
         for length in episodes:
@@ -37,7 +38,7 @@ def write_chunks(folder, files):
                               episode_start=t == 0)
                 row += 1
         buffer.save(folder / chunk_name(number))
-    return row
+    return row - first_row
 
 
 layouts = st.lists(st.lists(st.integers(1, 12), min_size=1, max_size=4), min_size=1, max_size=4)
@@ -97,6 +98,38 @@ def test_split_holds_out_the_same_episodes_whatever_the_file_order(tmp_path):
         rows = ds.get_batch(val)["party_hps"][:, 0, 0]  # each held-out window's first row, as written
         held_out.append(sorted(rows.tolist()))
     assert held_out[0] == held_out[1] and held_out[0]
+
+
+def test_extra_folders_only_train_and_keep_the_held_out_episodes(tmp_path):
+    """train_rssm.py --extra-data-dir: more chunks after data_dir's, every window of them a training one; the
+    held-out windows are data_dir's, the same as without the extra folders."""
+    for name in ("main", "more", "other"):
+        (tmp_path / name).mkdir()
+    write_chunks(tmp_path / "main", [[20, 15, 30], [25, 10], [40, 12, 18]])
+    write_chunks(tmp_path / "more", [[30, 22], [16]], first_row=1000)
+    write_chunks(tmp_path / "other", [[14]], first_row=2000)
+    alone = PokemonDataset(tmp_path / "main", seq_len=5)
+    both = PokemonDataset(tmp_path / "main", seq_len=5, extra_dirs=[tmp_path / "more", tmp_path / "other"])
+    assert both.main_rows == alone.num_rows == 170 and both.num_rows == 170 + 68 + 14
+    train, val = both.split(val_split=0.25, seed=3)
+    alone_train, alone_val = alone.split(val_split=0.25, seed=3)
+    assert np.array_equal(val, alone_val) and len(val) > 0
+    extra = train[train >= both.main_rows]
+    assert np.array_equal(train[train < both.main_rows], alone_train)
+    assert np.array_equal(extra, both.window_starts[both.window_starts >= both.main_rows])
+    assert len(extra) == (30 - 4) + (22 - 4) + (16 - 4) + (14 - 4)
+    first_rows = both.get_batch(extra)["party_hps"][:, 0, 0]  # each window's first row, as written
+    assert first_rows.min() >= 1000 and (first_rows >= 2000).sum() == 10
+    with pytest.raises(UserError, match="nowhere does not exist"):
+        PokemonDataset(tmp_path / "main", extra_dirs=[tmp_path / "nowhere"])
+    (tmp_path / "small").mkdir()
+    buffer = ChunkBuffer(6, (3, 5))
+    for t in range(6):
+        buffer.append(np.zeros((3, 5, 3), np.uint8), fake_state(t), action=0, reward=0.0, terminal=False,
+                      episode_start=t == 0)
+    buffer.save(tmp_path / "small" / chunk_name(1))
+    with pytest.raises(UserError, match="small.*obs.*one collection"):
+        PokemonDataset(tmp_path / "main", extra_dirs=[tmp_path / "small"])
 
 
 def test_evenly_spreads_windows_over_every_episode(tmp_path):

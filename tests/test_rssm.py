@@ -1300,6 +1300,26 @@ def test_train_rssm_stops_cleanly_on_a_non_finite_loss(data_dir, tmp_path):
     assert "non-finite loss at step 1" in done.stderr and "total=nan" in done.stderr
 
 
+def test_train_rssm_trains_on_extra_folders_and_holds_out_the_same_windows(data_dir, tmp_path):
+    from dataset import PokemonDataset, chunk_name, list_chunks
+
+    extra = tmp_path / "more"
+    extra.mkdir()
+    (extra / chunk_name(1)).write_bytes(list_chunks(data_dir)[0].read_bytes())  # one more chunk's episodes
+    train, val = PokemonDataset(data_dir, seq_len=8).split(0.1, seed=0)
+    more = len(PokemonDataset(extra, seq_len=8))
+    done = run_script("train_rssm.py", "--data-dir", data_dir, "--extra-data-dir", extra, "--out-dir", tmp_path / "run",
+                      *TINY_TRAIN, "--epochs", 1, "--steps-per-epoch", 2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"data: {len(train) + more} training windows of 8 frames ({more} from --extra-data-dir), {len(val)} held out" \
+        in done.stdout
+    missing = run_script("train_rssm.py", "--data-dir", data_dir, "--extra-data-dir", tmp_path / "nowhere",
+                         "--out-dir", tmp_path / "run2", *TINY_TRAIN)
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert missing.stderr.strip().splitlines()[-1] == f"error: data folder {tmp_path / 'nowhere'} does not exist; " \
+        "collect data with scripts/collect_data.py"
+
+
 def test_ddp_two_processes_keep_identical_weights(data_dir, tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(REPO / "scripts" / "train_rssm.py"), "--data-dir", str(data_dir), "--out-dir", str(tmp_path),
