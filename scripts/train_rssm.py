@@ -61,7 +61,7 @@ def parse_args(argv=None):
     p.add_argument("--out-dir", default="checkpoints/rssm_v2", help="run folder for checkpoints, metrics, images")
     p.add_argument("--val-split", type=float, default=0.1, help="fraction of EPISODES held out for validation")
     p.add_argument("--save-interval", type=int, default=5, help="write world_model_epoch_NNN.pt every N epochs")
-    p.add_argument("--max-files", type=int, default=None, help="use only the first N data chunks")
+    p.add_argument("--max-files", type=int, default=None, help="use only the first N chunks of --data-dir")
     p.add_argument("--preset", choices=RSSM_PRESETS, default="default",
                    help="model preset: faithful (the original, ~56.7 M), default (DreamerV3 recipes, CPU-sized, two "
                         "local latents a cell), global (the default before session 30: no local latents), pixels, "
@@ -273,7 +273,7 @@ def main(argv=None):
               f"({ds.num_rows} frames)", flush=True)
     global_batch = args.batch_size * world
     if len(train_starts) < global_batch:
-        raise UserError(f"{args.data_dir} has {len(train_starts)} training windows of {args.seq_len} frames, fewer than one "
+        raise UserError(f"the data has {len(train_starts)} training windows of {args.seq_len} frames, fewer than one "
                         f"batch of {global_batch}; lower --batch-size or --seq-len, or collect more data")
 
     resume = None

@@ -25,15 +25,15 @@ def fake_state(row: int) -> GameState:
                      party_max_hps=(30, 0, 0, 0, 0, 0), party_levels=(5, 0, 0, 0, 0, 0), enemy_hp=0)
 
 
-def write_chunks(folder, files, first_row: int = 0):
+def write_chunks(folder, files, first_row: int = 0, resolution=RES):
     """files: list of lists of episode lengths (one list per file); returns the row count. Rows carry their
     number from first_row on (fake_state)."""
     row = first_row
     for number, episodes in enumerate(files, start=1):
-        buffer = ChunkBuffer(sum(episodes), RES)
+        buffer = ChunkBuffer(sum(episodes), resolution)
         for length in episodes:
             for t in range(length):
-                obs = np.full((*RES, 3), row % 256, np.uint8)
+                obs = np.full((*resolution, 3), row % 256, np.uint8)
                 buffer.append(obs, fake_state(row), action=row % 8, reward=0.5, terminal=t == length - 1,
                               episode_start=t == 0)
                 row += 1
@@ -123,11 +123,7 @@ def test_extra_folders_only_train_and_keep_the_held_out_episodes(tmp_path):
     with pytest.raises(UserError, match="nowhere does not exist"):
         PokemonDataset(tmp_path / "main", extra_dirs=[tmp_path / "nowhere"])
     (tmp_path / "small").mkdir()
-    buffer = ChunkBuffer(6, (3, 5))
-    for t in range(6):
-        buffer.append(np.zeros((3, 5, 3), np.uint8), fake_state(t), action=0, reward=0.0, terminal=False,
-                      episode_start=t == 0)
-    buffer.save(tmp_path / "small" / chunk_name(1))
+    write_chunks(tmp_path / "small", [[6]], resolution=(3, 5))
     with pytest.raises(UserError, match="small.*obs.*one collection"):
         PokemonDataset(tmp_path / "main", extra_dirs=[tmp_path / "small"])
 
