@@ -42,6 +42,23 @@ def _keys(shades):
     return lib.stack(out, 1)
 
 
+def _colour_keys(frames: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+    """uint8 frames (N, H, W, 3), or their `rows`, -> (n, H, W) uint32 colour keys R | G << 8 | B << 16: each
+    pixel's 3 bytes read as one little-endian 4-byte word (the next pixel's first byte masked off), one pass."""
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"tile tokens read uint8 frames (N, H, W, 3), got {frames.dtype} {tuple(frames.shape)}")
+    count = len(frames) if rows is None else len(rows)
+    buffer = np.empty(count * int(np.prod(frames.shape[1:])) + 1, np.uint8)  # a spare byte for the last word
+    pixels = buffer[:-1].reshape(count, *frames.shape[1:])
+    if rows is None:
+        pixels[...] = frames
+    else:
+        for index, row in enumerate(rows):  # a frame at a time: faster than np.take here
+            pixels[index] = frames[row]
+    words = np.ndarray(pixels.shape[:-1], "<u4", buffer, strides=pixels.strides[:-1])
+    return words & np.uint32(0xFFFFFF)
+
+
 def _patches(shades, grid: tuple[int, int]):
     """(N, H, W) shade ids -> (N * gh * gw, 64), row-major over the tile grid."""
     gh, gw = grid
@@ -49,6 +66,21 @@ def _patches(shades, grid: tuple[int, int]):
     x = shades.reshape(n, gh, TILE, gw, TILE)
     x = x.permute(0, 1, 3, 2, 4) if isinstance(x, torch.Tensor) else x.transpose(0, 1, 3, 2, 4)
     return x.reshape(n * gh * gw, _PIXELS)
+
+
+def _distinct(patches: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(M, 64) shade ids -> the row of one example of each distinct tile (sorted by the tiles' packed bits) and each
+    row's index into those: the 64 2-bit shades packed into two uint64 words, sorted as pairs."""
+    quads = patches.reshape(len(patches), _PIXELS // 4, 4)
+    packed = quads[..., 0] | (quads[..., 1] << 2) | (quads[..., 2] << 4) | (quads[..., 3] << 6)  # (M, 16) bytes
+    words = np.ascontiguousarray(packed).view(np.uint64)  # (M, 2)
+    order = np.lexsort((words[:, 1], words[:, 0]))
+    ranked = words[order]
+    new = np.ones(len(ranked), bool)
+    new[1:] = (ranked[1:] != ranked[:-1]).any(1)
+    inverse = np.empty(len(ranked), np.int64)
+    inverse[order] = np.cumsum(new) - 1
+    return order[new], inverse
 
 
 class TileCodebook(nn.Module):
@@ -65,41 +97,37 @@ class TileCodebook(nn.Module):
         self.register_buffer("tiles", torch.zeros(vocab, _PIXELS, dtype=torch.uint8))  # shade ids
         self.register_buffer("size", torch.zeros((), dtype=torch.int64))  # how many entries are filled
         self._lookup = None  # search tables (see `_table`), rebuilt after fit / load_state_dict
+        self._shade_table = None  # colour key -> shade id (see `_colour_shades`), likewise
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
-        self._lookup = None
+        self._lookup = self._shade_table = None
 
     @property
     def fitted(self) -> bool:
         return int(self.size) > 0
 
-    def fit(self, frames: np.ndarray, rows: np.ndarray | None = None, batch: int = 2048) -> dict:
+    def fit(self, frames: np.ndarray, rows: np.ndarray | None = None, batch: int = 256) -> dict:
         """Fill the codebook from uint8 frames (N, H, W, 3), or only their `rows` (read `batch` at a time,
-        never copied whole): the palette from their colours, the tiles by frequency.
+        never copied whole): the palette from their colours, the `vocab` most frequent tiles (ties in key order).
         Returns {"distinct": tiles seen, "kept": entries filled, "covered": fraction of tile positions kept}."""
         frames = np.asarray(frames)
         rows = np.arange(len(frames)) if rows is None else np.asarray(rows)
 
-        def parts():
-            return (frames[rows[start:start + batch]] for start in range(0, len(rows), batch))
+        def keys():  # (n, H, W) colour keys of `batch` rows at a time
+            return (_colour_keys(frames, rows[start:start + batch]) for start in range(0, len(rows), batch))
 
-        if frames.ndim != 4 or frames.shape[1:3] != (self.grid[0] * TILE, self.grid[1] * TILE):
+        if frames.ndim != 4 or frames.shape[1:] != (self.grid[0] * TILE, self.grid[1] * TILE, 3):
             raise ValueError(f"fit needs (N, {self.grid[0] * TILE}, {self.grid[1] * TILE}, 3) frames, "
                              f"got {frames.shape}")
-
-        def rgb24(part):  # (n, H, W, 3) uint8 -> (n, H, W) one int per colour
-            part = part.astype(np.int32)
-            return (part[..., 0] << 16) | (part[..., 1] << 8) | part[..., 2]
-
-        seen = np.zeros(256 ** 3, bool)
-        for part in parts():
-            seen[rgb24(part).ravel()] = True
+        seen = np.zeros(2 ** 24, bool)
+        for part in keys():
+            seen[part] = True
         flat = np.flatnonzero(seen)
         if len(flat) > SHADES:
             raise ValueError(f"the frames hold {len(flat)} colours; tile tokens need a Game Boy (DMG) palette of at "
                              f"most {SHADES}: use a pixel preset")
-        colours = np.stack([flat >> 16, (flat >> 8) & 255, flat & 255], 1)
+        colours = np.stack([flat & 255, (flat >> 8) & 255, flat >> 16], 1)
         order = np.argsort(colours.sum(1), kind="stable")
         colours, flat = colours[order], flat[order]
         if len(np.unique(colours.sum(1))) < len(colours):
@@ -108,25 +136,24 @@ class TileCodebook(nn.Module):
         palette = np.zeros((SHADES, 3), np.float32)
         palette[:len(colours)] = colours / 255.0
         palette[len(colours):] = palette[len(colours) - 1]
-        counts: dict[tuple, int] = {}
+        counts: dict[tuple, int] = {}  # tile key -> positions
         examples: dict[tuple, np.ndarray] = {}
-        code = np.zeros(256 ** 3, np.uint8)  # colour -> shade id
+        code = np.zeros(2 ** 24, np.uint8)  # colour key -> shade id
         code[flat] = np.arange(len(flat), dtype=np.uint8)
-        for part in parts():
-            shades = code[rgb24(part)]
-            patches = _patches(shades, self.grid)
-            keys, first, count = np.unique(_keys(patches), axis=0, return_index=True, return_counts=True)
-            for key, index, n in zip(map(tuple, keys.tolist()), first, count):
-                counts[key] = counts.get(key, 0) + int(n)
-                if key not in examples:
-                    examples[key] = patches[index]
-        ranked = sorted(counts, key=counts.get, reverse=True)[:self.vocab]
+        for part in keys():
+            patches = _patches(code[part], self.grid)
+            first, inverse = _distinct(patches)
+            tiles, seen_here = patches[first], np.bincount(inverse, minlength=len(first))
+            for key, tile, n in zip(map(tuple, _keys(tiles).tolist()), tiles, seen_here.tolist()):
+                counts[key] = counts.get(key, 0) + n
+                examples.setdefault(key, tile)
+        ranked = sorted(counts, key=lambda key: (-counts[key], key))[:self.vocab]  # ties: in key order
         with torch.no_grad():
             self.palette.copy_(torch.from_numpy(palette))
             self.tiles.zero_()
             self.tiles[:len(ranked)] = torch.from_numpy(np.stack([examples[k] for k in ranked]).astype(np.uint8))
             self.size.fill_(len(ranked))
-        self._lookup = None
+        self._lookup = self._shade_table = None
         total = sum(counts.values())
         return {"distinct": len(counts), "covered": sum(counts[k] for k in ranked) / total, "kept": len(ranked)}
 
@@ -154,10 +181,13 @@ class TileCodebook(nn.Module):
     @torch.no_grad()
     def tokenize(self, frames: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) float frames in [0, 1] -> (N, gh, gw) long tile ids."""
+        return self._ids(_patches(self.shades(frames), self.grid)).view(frames.shape[0], *self.grid)
+
+    def _ids(self, patches: torch.Tensor) -> torch.Tensor:
+        """(M, 64) shade ids -> (M,) long tile ids: exact where the tile is in the codebook, else the entry with
+        the fewest differing pixels."""
         if not self.fitted:
             raise RuntimeError("this world model's tile codebook is empty: fit it on data first (train_rssm.py does)")
-        n = frames.shape[0]
-        patches = _patches(self.shades(frames), self.grid)  # (M, 64)
         keys = _keys(patches)  # (M, 3)
         parts, combined, order = self._table()
         found = torch.ones(len(keys), dtype=torch.bool, device=keys.device)
@@ -177,17 +207,40 @@ class TileCodebook(nn.Module):
                 rows = missing[start:start + 256]
                 differ = (patches[rows].unsqueeze(1) != book.unsqueeze(0)).sum(-1)  # (m, size)
                 ids[rows] = differ.argmin(1)
-        return ids.view(n, *self.grid)
+        return ids
 
-    def tokenize_uint8(self, frames: np.ndarray, batch: int = 1024) -> torch.Tensor:
+    def _colour_shades(self, keys: np.ndarray) -> np.ndarray:
+        """Colour keys (`_colour_keys`) -> shade ids, each colour's as `shades` gives it on the float frame
+        (`dataset.frames_to_float`): a table over all colours, filled the first time a colour is met."""
+        if self._shade_table is None:
+            self._shade_table = np.full(2 ** 24, SHADES, np.uint8)  # SHADES: not looked up yet
+        shades = self._shade_table[keys]
+        unknown = shades == SHADES
+        if unknown.any():
+            met = np.zeros(2 ** 24, bool)
+            met[keys[unknown]] = True
+            new = np.flatnonzero(met)
+            colours = np.stack([new & 255, (new >> 8) & 255, new >> 16], 1).astype(np.uint8)  # (n, 3)
+            floats = frames_to_float(colours.reshape(len(new), 1, 1, 3), self.palette.device)  # (n, 3, 1, 1)
+            self._shade_table[new] = self.shades(floats).flatten().cpu().numpy()
+            shades = self._shade_table[keys]
+        return shades
+
+    @torch.no_grad()
+    def tokenize_uint8(self, frames: np.ndarray, batch: int = 256) -> torch.Tensor:
         """Tile ids of uint8 frames (N, H, W, 3) (e.g. a dataset's "obs"), `batch` frames at a time -> (N, gh, gw)
-        int16 on the CPU: the ids `tokenize` gives the same frames as floats (`dataset.frames_to_float`)."""
+        int16 on the CPU: the ids `tokenize` gives the same frames as floats (`dataset.frames_to_float`), each
+        distinct tile of a batch looked up once."""
         if self.vocab > 2 ** 15:
             raise ValueError(f"a codebook of {self.vocab} tiles does not fit int16 ids")
+        frames = np.asarray(frames)
         out = torch.empty(len(frames), *self.grid, dtype=torch.int16)
         for start in range(0, len(frames), batch):
-            chunk = np.ascontiguousarray(frames[start:start + batch])
-            out[start:start + batch] = self.tokenize(frames_to_float(chunk, self.palette.device)).cpu()
+            part = frames[start:start + batch]
+            patches = _patches(self._colour_shades(_colour_keys(part)), self.grid)
+            first, inverse = _distinct(patches)
+            ids = self._ids(torch.from_numpy(patches[first]).to(self.tiles.device)).cpu()
+            out[start:start + len(part)] = ids[torch.from_numpy(inverse)].view(len(part), *self.grid).to(torch.int16)
         return out
 
     def render_mean(self, logits: torch.Tensor) -> torch.Tensor:

@@ -862,6 +862,40 @@ def test_tile_codebook_is_exact_on_cartridge_frames_and_nearest_outside(data_dir
         TileCodebook(8, (144, 160)).tokenize(frames)
 
 
+def test_tile_codebook_keeps_the_most_common_tiles_and_reads_uint8_frames_as_floats(data_dir):
+    """fit against a count by hand (the kept tiles the most common, in order; batches and rows do not matter), and
+    tokenize_uint8 against tokenize on the float frames, with colours outside the palette (nearest shade) too."""
+    from collections import Counter
+
+    from dataset import PokemonDataset, frames_to_float
+    from tiles import TileCodebook
+
+    obs = PokemonDataset(data_dir, seq_len=1).obs
+    rows = np.arange(0, 400, 2)
+    book = TileCodebook(40, (144, 160))
+    stats = book.fit(obs, rows=rows, batch=64)
+    colours = sorted({tuple(c) for c in obs[rows].reshape(-1, 3).tolist()}, key=sum)
+    assert book.palette[:len(colours)].mul(255).round().int().tolist() == [list(c) for c in colours]
+    shades = sum(i * (obs[rows] == c).all(-1) for i, c in enumerate(colours)).astype(np.uint8)  # (N, H, W)
+    cells = shades.reshape(len(rows), 18, 8, 20, 8).transpose(0, 1, 3, 2, 4).reshape(-1, 64)
+    counted = Counter(map(bytes, cells))
+    kept = [bytes(t) for t in book.tiles[:int(book.size)].tolist()]
+    assert stats["kept"] == 40 and stats["distinct"] == len(counted)
+    assert [counted[t] for t in kept] == sorted(counted.values(), reverse=True)[:40]
+    assert stats["covered"] == pytest.approx(sum(counted[t] for t in kept) / len(cells))
+    again = TileCodebook(40, (144, 160))
+    again.fit(obs, rows=rows, batch=1000)
+    assert torch.equal(again.tiles, book.tiles) and torch.equal(again.palette, book.palette)
+
+    frames = obs[400:440].copy()
+    rng = np.random.default_rng(0)
+    frames[rng.integers(0, 40, 200), rng.integers(0, 144, 200), rng.integers(0, 160, 200)] = \
+        rng.integers(0, 256, (200, 3))  # colours the codebook never saw, a few per frame
+    want = book.tokenize(frames_to_float(torch.from_numpy(frames), "cpu"))
+    assert torch.equal(book.tokenize_uint8(frames, batch=16).long(), want)
+    assert torch.equal(book.tokenize_uint8(obs[:40]).long(), book.tokenize(frames_to_float(torch.from_numpy(obs[:40]), "cpu")))
+
+
 def test_tiles_model_learns_and_its_codebook_survives_a_checkpoint(data_dir, tmp_path):
     from dataset import PokemonDataset, frames_to_float
 
