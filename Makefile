@@ -7,7 +7,7 @@ OUT    ?= outputs/demo
 
 .PHONY: setup test demo demo-v1 cartridge sdcc clean
 
-# demo budget: collected steps and minutes of world-model training (about 25 minutes in all on 2 cores); 60,000 steps
+# demo budget: collected steps and minutes of world-model training (26.5 minutes in all on 2 cores, session 33); 60,000 steps
 # (40,000 of them took 28.7 s to collect in session 32) instead of 20,000 since session 32: 3x the episodes drift less, by the probe under #6's
 # 1 / 2 tiles at steps 29 / 50 on three seeds (README, session 32)
 DEMO_STEPS          ?= 60000

@@ -59,6 +59,11 @@ def _colour_keys(frames: np.ndarray, rows: np.ndarray | None = None) -> np.ndarr
     return words & np.uint32(0xFFFFFF)
 
 
+def _colours(keys: np.ndarray) -> np.ndarray:
+    """Colour keys (`_colour_keys`) (n,) -> (n, 3) uint8 RGB."""
+    return np.stack([keys & 255, (keys >> 8) & 255, keys >> 16], 1).astype(np.uint8)
+
+
 def _patches(shades, grid: tuple[int, int]):
     """(N, H, W) shade ids -> (N * gh * gw, 64), row-major over the tile grid."""
     gh, gw = grid
@@ -127,21 +132,21 @@ class TileCodebook(nn.Module):
         if len(flat) > SHADES:
             raise ValueError(f"the frames hold {len(flat)} colours; tile tokens need a Game Boy (DMG) palette of at "
                              f"most {SHADES}: use a pixel preset")
-        colours = np.stack([flat & 255, (flat >> 8) & 255, flat >> 16], 1)
-        order = np.argsort(colours.sum(1), kind="stable")
-        colours, flat = colours[order], flat[order]
+        colours = _colours(flat)
+        colours = colours[np.argsort(colours.sum(1), kind="stable")]
         if len(np.unique(colours.sum(1))) < len(colours):
             raise ValueError(f"two of the frames' colours have the same R + G + B ({colours.tolist()}); tile tokens "
                              f"tell shades apart by it: use a pixel preset")
         palette = np.zeros((SHADES, 3), np.float32)
         palette[:len(colours)] = colours / 255.0
         palette[len(colours):] = palette[len(colours) - 1]
+        with torch.no_grad():
+            self.palette.copy_(torch.from_numpy(palette))
+        self._lookup = self._shade_table = None
         counts: dict[tuple, int] = {}  # tile key -> positions
         examples: dict[tuple, np.ndarray] = {}
-        code = np.zeros(2 ** 24, np.uint8)  # colour key -> shade id
-        code[flat] = np.arange(len(flat), dtype=np.uint8)
-        for part in keys():
-            patches = _patches(code[part], self.grid)
+        for part in keys():  # shades as `tokenize` reads them: each colour's palette entry (the sums differ)
+            patches = _patches(self._colour_shades(part), self.grid)
             first, inverse = _distinct(patches)
             tiles, seen_here = patches[first], np.bincount(inverse, minlength=len(first))
             for key, tile, n in zip(map(tuple, _keys(tiles).tolist()), tiles, seen_here.tolist()):
@@ -149,11 +154,10 @@ class TileCodebook(nn.Module):
                 examples.setdefault(key, tile)
         ranked = sorted(counts, key=lambda key: (-counts[key], key))[:self.vocab]  # ties: in key order
         with torch.no_grad():
-            self.palette.copy_(torch.from_numpy(palette))
             self.tiles.zero_()
             self.tiles[:len(ranked)] = torch.from_numpy(np.stack([examples[k] for k in ranked]).astype(np.uint8))
             self.size.fill_(len(ranked))
-        self._lookup = self._shade_table = None
+        self._lookup = None
         total = sum(counts.values())
         return {"distinct": len(counts), "covered": sum(counts[k] for k in ranked) / total, "kept": len(ranked)}
 
@@ -220,8 +224,7 @@ class TileCodebook(nn.Module):
             met = np.zeros(2 ** 24, bool)
             met[keys[unknown]] = True
             new = np.flatnonzero(met)
-            colours = np.stack([new & 255, (new >> 8) & 255, new >> 16], 1).astype(np.uint8)  # (n, 3)
-            floats = frames_to_float(colours.reshape(len(new), 1, 1, 3), self.palette.device)  # (n, 3, 1, 1)
+            floats = frames_to_float(_colours(new).reshape(len(new), 1, 1, 3), self.palette.device)  # (n, 3, 1, 1)
             self._shade_table[new] = self.shades(floats).flatten().cpu().numpy()
             shades = self._shade_table[keys]
         return shades
